@@ -1,0 +1,62 @@
+"""Sessions: tests (default), lint, parity and bench (against Cellpose 3.1.1.2), bridges later.
+
+torch is always installed first and pinned (a local CPU wheel): an unpinned torch pulls
+gigabytes of CUDA wheels.
+"""
+
+from __future__ import annotations
+
+import glob
+
+import nox
+
+TORCH = "torch==2.13.0"
+CELLPOSE = "cellpose==3.1.1.2"
+nox.options.sessions = ["tests", "lint"]
+nox.options.default_venv_backend = "venv"
+
+
+def install_cellplug(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{','.join(extras)}]" if extras else ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite, with the example and broken test plugins installed beside cellplug."""
+    install_cellplug(session, "test")
+    for plugin in sorted(glob.glob("tests/plugins/dists/*/pyproject.toml")):
+        session.install(plugin.rsplit("/", 1)[0])
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "src", "plugins", "tests", "benchmarks", "training", "noxfile.py")
+
+
+def _reference_env(session: nox.Session) -> None:
+    """cellplug and Cellpose 3.1.1.2 side by side (Cellpose is only ever a reference)."""
+    session.install(TORCH)
+    session.install(CELLPOSE)
+    session.install("-e", ".")
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Numerical parity with Cellpose 3.1.1.2 (needs ../shared/data for real images)."""
+    _reference_env(session)
+    scripts = session.posargs or sorted(glob.glob("benchmarks/parity_*.py"))
+    for script in scripts:
+        session.run("python", script)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed against Cellpose 3.1.1.2 measured in the same run; results in benchmarks/results/."""
+    _reference_env(session)
+    session.install("psutil")
+    scripts = session.posargs or sorted(glob.glob("benchmarks/bench_*.py"))
+    for script in scripts:
+        session.run("python", script)

@@ -1,0 +1,313 @@
+"""Flows -> masks: follow the flows, cluster where pixels meet, check and clean the masks.
+
+The steps and their defaults are those of Cellpose 3.1.1.2 (``dynamics.compute_masks`` and
+``utils.fill_holes_and_remove_small_masks``); every loop over pixels or objects is numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .dynamics import follow_flows
+from .heat import masks_to_flows
+
+RPAD = 20  # histogram padding (pixels), as Cellpose
+SEED_WINDOW = 5  # seeds grow inside a (2 * 5 + 1)^2 window
+SEED_MIN_COUNT = 10  # a histogram peak needs more than this many end points
+GROW_MIN_COUNT = 2  # seed growth only into bins with more than this many end points
+GROW_ITERATIONS = 5
+
+
+@njit(cache=True)
+def _histogram(py, px, ly, lx):
+    h = np.zeros((ly + 2 * RPAD, lx + 2 * RPAD), np.int32)
+    for n in range(py.shape[0]):
+        h[py[n], px[n]] += 1
+    return h
+
+
+@njit(cache=True)
+def _max_filter5(h):
+    """5x5 maximum filter (windows clipped at the border), separable."""
+    ny, nx = h.shape
+    tmp = np.empty_like(h)
+    out = np.empty_like(h)
+    for i in range(ny):
+        for j in range(nx):
+            m = h[i, j]
+            for d in range(-2, 3):
+                jj = j + d
+                if 0 <= jj < nx and h[i, jj] > m:
+                    m = h[i, jj]
+            tmp[i, j] = m
+    for i in range(ny):
+        for j in range(nx):
+            m = tmp[i, j]
+            for d in range(-2, 3):
+                ii = i + d
+                if 0 <= ii < ny and tmp[ii, j] > m:
+                    m = tmp[ii, j]
+            out[i, j] = m
+    return out
+
+
+@njit(cache=True)
+def _grow_seeds(h, seeds_y, seeds_x):
+    """Paint each seed's region (grown in its window over well-populated bins) into a map.
+
+    Seeds are processed in the given order; a later seed overwrites an earlier one.
+    """
+    w = SEED_WINDOW
+    size = 2 * w + 1
+    M = np.zeros(h.shape, np.int32)
+    reg = np.zeros((size, size), np.bool_)
+    nxt = np.zeros((size, size), np.bool_)
+    for k in range(seeds_y.shape[0]):
+        sy = seeds_y[k]
+        sx = seeds_x[k]
+        reg[:, :] = False
+        reg[w, w] = True
+        for _ in range(GROW_ITERATIONS):
+            for i in range(size):
+                for j in range(size):
+                    v = False
+                    for di in range(-1, 2):
+                        ii = i + di
+                        if ii < 0 or ii >= size:
+                            continue
+                        for dj in range(-1, 2):
+                            jj = j + dj
+                            if 0 <= jj < size and reg[ii, jj]:
+                                v = True
+                    nxt[i, j] = v and h[sy - w + i, sx - w + j] > GROW_MIN_COUNT
+            reg[:, :] = nxt
+        for i in range(size):
+            for j in range(size):
+                if reg[i, j]:
+                    M[sy - w + i, sx - w + j] = k + 1
+    return M
+
+
+def cluster_end_points(
+    final: np.ndarray, start: tuple[np.ndarray, np.ndarray], shape: tuple[int, int],
+    max_size_fraction: float = 0.4,
+) -> np.ndarray:
+    """Label pixels by where they ended up.
+
+    A histogram of the (truncated) end points is made; its local maxima (5x5) with more than
+    10 end points are seeds; each seed grows for 5 steps (3x3) over bins with more than 2
+    end points, inside an 11x11 window; every pixel gets the label of the region its end
+    point falls in (0 if none). Masks larger than ``max_size_fraction`` of the image are
+    dropped.
+
+    Returns
+    -------
+    ndarray
+        int32 (H, W) labels numbered 1..N.
+    """
+    ly, lx = shape
+    labels = np.zeros(shape, np.int32)
+    if final.shape[1] == 0:
+        return labels
+    py = np.clip(final[0].astype(np.int32) + RPAD, 0, ly + RPAD - 1)
+    px = np.clip(final[1].astype(np.int32) + RPAD, 0, lx + RPAD - 1)
+    h = _histogram(py, px, ly, lx)
+    hmax = _max_filter5(h)
+    sy, sx = np.nonzero((h >= hmax) & (h > SEED_MIN_COUNT))
+    if sy.size == 0:
+        return labels
+    order = np.argsort(h[sy, sx], kind="stable")  # fewest first: larger peaks win overlaps
+    M = _grow_seeds(h, sy[order].astype(np.int64), sx[order].astype(np.int64))
+    labels[start] = M[py, px]
+    counts = np.bincount(labels.ravel())
+    too_big = np.nonzero(counts > labels.size * max_size_fraction)[0]
+    too_big = too_big[too_big > 0]
+    if too_big.size:
+        labels[np.isin(labels, too_big)] = 0
+    return renumber(labels)
+
+
+def renumber(labels: np.ndarray) -> np.ndarray:
+    """Relabel to 1..N in order of increasing old label (0 stays 0)."""
+    counts = np.bincount(labels.ravel())
+    present = counts > 0
+    present[0] = False
+    lut = np.zeros(counts.size, labels.dtype)
+    lut[present] = np.arange(1, present.sum() + 1, dtype=labels.dtype)
+    return lut[labels]
+
+
+def flow_errors(labels: np.ndarray, flows: np.ndarray) -> np.ndarray:
+    """Mean squared difference between the flows of ``labels`` and the given ``flows``.
+
+    Parameters
+    ----------
+    labels
+        (H, W) int labels 1..N.
+    flows
+        float32 (2, H, W) unit-scale flows (e.g. predicted by a network).
+
+    Returns
+    -------
+    ndarray
+        float64 (N,): for each object, the mean over its pixels of the squared difference
+        summed over the two components.
+    """
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return np.zeros(0)
+    mflows = masks_to_flows(labels)
+    sq = ((mflows - flows) ** 2).sum(axis=0, dtype=np.float64)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    sums = np.bincount(labels.ravel(), weights=sq.ravel(), minlength=n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+
+
+@njit(cache=True)
+def _fill_holes(lab, n):
+    """Fill holes in each object: pixels of its bounding box not reachable from the box
+    border through non-object pixels (4-connectivity) become part of the object."""
+    ny, nx = lab.shape
+    y0 = np.full(n + 1, ny, np.int64)
+    y1 = np.full(n + 1, -1, np.int64)
+    x0 = np.full(n + 1, nx, np.int64)
+    x1 = np.full(n + 1, -1, np.int64)
+    for i in range(ny):
+        for j in range(nx):
+            v = lab[i, j]
+            if v > 0:
+                y0[v] = min(y0[v], i)
+                y1[v] = max(y1[v], i)
+                x0[v] = min(x0[v], j)
+                x1[v] = max(x1[v], j)
+    for k in range(1, n + 1):
+        if y1[k] < 0:
+            continue
+        h = y1[k] - y0[k] + 1
+        w = x1[k] - x0[k] + 1
+        if h < 3 or w < 3:
+            continue
+        reach = np.zeros((h, w), np.bool_)
+        stack = np.empty(h * w, np.int64)
+        top = 0
+        for i in range(h):
+            for j in range(w):
+                if (i == 0 or j == 0 or i == h - 1 or j == w - 1) and lab[
+                    y0[k] + i, x0[k] + j
+                ] != k:
+                    reach[i, j] = True
+                    stack[top] = i * w + j
+                    top += 1
+        while top > 0:
+            top -= 1
+            p = stack[top]
+            i = p // w
+            j = p % w
+            for d in range(4):
+                ii = i + (d == 0) - (d == 1)
+                jj = j + (d == 2) - (d == 3)
+                if 0 <= ii < h and 0 <= jj < w and not reach[ii, jj]:
+                    if lab[y0[k] + ii, x0[k] + jj] != k:
+                        reach[ii, jj] = True
+                        stack[top] = ii * w + jj
+                        top += 1
+        for i in range(1, h - 1):
+            for j in range(1, w - 1):
+                if not reach[i, j]:
+                    lab[y0[k] + i, x0[k] + j] = k
+
+
+def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop objects with fewer than ``min_size`` pixels and renumber (no-op if <= 0)."""
+    if min_size <= 0 or labels.max() == 0:
+        return labels
+    counts = np.bincount(labels.ravel())
+    small = counts < min_size
+    small[0] = False
+    if small.any():
+        labels = np.where(small[labels], 0, labels).astype(labels.dtype)
+        labels = renumber(labels)
+    return labels
+
+
+def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = 15) -> np.ndarray:
+    """Remove objects below ``min_size`` pixels, fill holes, remove small ones again.
+
+    Parameters
+    ----------
+    labels
+        (H, W) integer labels 1..N (modified copy returned).
+    min_size
+        Minimum object size in pixels; ``<= 0`` keeps every object (holes are still filled).
+
+    Returns
+    -------
+    ndarray
+        int32 (H, W) labels numbered 1..M.
+    """
+    lab = remove_small(np.asarray(labels, dtype=np.int32).copy(), min_size)
+    n = int(lab.max()) if lab.size else 0
+    if n:
+        _fill_holes(lab, n)
+        lab = remove_small(renumber(lab), min_size)
+    return lab
+
+
+def flows_to_masks(
+    flows: np.ndarray,
+    cellprob: np.ndarray,
+    *,
+    niter: int = 200,
+    cellprob_threshold: float = 0.0,
+    flow_threshold: float = 0.4,
+    min_size: int = 15,
+    max_size_fraction: float = 0.4,
+    **_ignored: object,
+) -> np.ndarray:
+    """Rebuild a label image from a flow field and a cell-probability map.
+
+    Parameters
+    ----------
+    flows
+        float32 (2, H, W) unit-scale flow field (Y then X), pointing towards object centres.
+    cellprob
+        float32 (H, W) cell-probability logit.
+    niter
+        Euler steps; default 200 (the segmenter scales it with the object diameter, as
+        Cellpose does when resampling).
+    cellprob_threshold
+        Pixels with ``cellprob > cellprob_threshold`` are followed; default 0.0. Lower it to
+        get more and larger masks.
+    flow_threshold
+        Masks whose flows, recomputed from the mask, differ from ``flows`` by a mean squared
+        error above this are dropped; default 0.4. ``0`` or ``None`` turns the check off.
+    min_size
+        Masks smaller than this many pixels are dropped; default 15. ``<= 0`` keeps all.
+    max_size_fraction
+        Masks larger than this fraction of the image are dropped; default 0.4.
+
+    Returns
+    -------
+    ndarray
+        uint32 (H, W) labels, 0 = background, objects 1..N.
+    """
+    flows = np.asarray(flows, dtype=np.float32)
+    cellprob = np.asarray(cellprob, dtype=np.float32)
+    if flows.ndim != 3 or flows.shape[0] != 2 or flows.shape[1:] != cellprob.shape:
+        raise ValueError(
+            f"expected flows (2, H, W) and cellprob (H, W); got {flows.shape} and {cellprob.shape}"
+        )
+    inside = cellprob > cellprob_threshold
+    if not inside.any():
+        return np.zeros(cellprob.shape, np.uint32)
+    final, start = follow_flows(flows * inside, inside, niter=niter)
+    labels = cluster_end_points(final, start, cellprob.shape, max_size_fraction)
+    if flow_threshold is not None and flow_threshold > 0 and labels.max() > 0:
+        errors = flow_errors(labels, flows)
+        bad = np.nonzero(errors > flow_threshold)[0] + 1
+        if bad.size:
+            labels[np.isin(labels, bad)] = 0
+    labels = fill_holes_and_remove_small(labels, min_size=min_size)
+    return labels.astype(np.uint32)

@@ -1,0 +1,1 @@
+"""Default style selectors for ``--model auto``."""

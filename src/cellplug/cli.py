@@ -1,0 +1,301 @@
+"""The ``cellplug`` command line: parse options, call library functions, report.
+
+User errors (:class:`~cellplug.errors.CellplugError`) are printed as one line on stderr with
+exit code 1; outputs are written only when an image succeeded, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import CellplugError
+from .hookspecs import HOOK_KINDS
+
+SAVE_CHOICES = ("flows", "overlay", "cellprob")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CellplugError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    click.echo(f"warning: {message}", err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="cellplug")
+def main() -> None:
+    """Cell segmentation with flow fields, built from plugins."""
+    warnings.showwarning = _show_warning
+
+
+# -- plugins -----------------------------------------------------------------------------
+@main.group()
+def plugins() -> None:
+    """Inspect installed plugins."""
+
+
+@plugins.command("list")
+@click.option("--kind", type=click.Choice(list(HOOK_KINDS)), help="Only this kind of plugin.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_list(kind: str | None, as_json: bool) -> None:
+    """List what every installed plugin provides (and plugins that failed to load)."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    rows = registry.rows([kind] if kind else None)
+    if kind:  # failed plugins have no kind; show them in every listing
+        rows += [r for r in registry.rows() if r["kind"] == "?" and r not in rows]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    headers = ("kind", "name", "plugin", "distribution", "status")
+    table = [headers] + [
+        (r["kind"], r["name"], r["plugin"], f"{r['distribution'] or '-'} {r['version'] or ''}".strip(), r["status"])
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers) - 1)]
+    for row in table:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+
+
+# -- models ------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Inspect available models."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_list(as_json: bool) -> None:
+    """List models provided by plugins and found in the user's model directory."""
+    from .models import DEFAULT_MODEL, available_models, user_model_dir
+
+    found = available_models()
+    rows = [
+        {
+            "name": m.name,
+            "origin": m.origin,
+            "default": m.name == DEFAULT_MODEL,
+            "diam_mean": m.metadata.get("diam_mean"),
+            "size_model": bool(m.metadata.get("size_model")),
+            "weights": str(m.weights),
+        }
+        for m in found.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no models installed (user model directory: {user_model_dir()})")
+    for r in rows:
+        star = "*" if r["default"] else " "
+        click.echo(f"{star} {r['name']:<24} {r['origin']:<24} diam_mean={r['diam_mean']}  {r['weights']}")
+
+
+# -- segment -----------------------------------------------------------------------------
+def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
+    from .transforms import parse_channels
+
+    return parse_channels(value)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: beside each input).")
+@click.option("--model", "model_ref", default=None, help="Model name or path (default: generalist).")
+@click.option("--diameter", type=float, default=0.0, show_default=True,
+              help="Object diameter in pixels; 0 estimates it with the model's size model.")
+@click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True,
+              help="Cyto and nucleus channel (0 = grayscale / none, 1 = first).")
+@click.option("--invert", is_flag=True, help="Invert intensities (dark objects on bright).")
+@click.option("--flow-threshold", type=float, default=0.4, show_default=True)
+@click.option("--cellprob-threshold", type=float, default=0.0, show_default=True)
+@click.option("--min-size", type=int, default=15, show_default=True)
+@click.option("--niter", type=int, default=None, help="Dynamics steps (default: 200 x diameter / diam_mean).")
+@click.option("--tile/--no-tile", default=True, show_default=True,
+              help="Tiled (Cellpose-identical) or whole-image network pass.")
+@click.option("--augment", is_flag=True, help="Flip test-time augmentation.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--save", "save", multiple=True, type=click.Choice(SAVE_CHOICES),
+              help="Extra outputs: flows (TIFF), overlay (PNG), cellprob (TIFF). Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary and write summary.json.")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None, diameter: float,
+            channels: tuple[int, int], invert: bool, flow_threshold: float, cellprob_threshold: float,
+            min_size: int, niter: int | None, tile: bool, augment: bool, batch_size: int,
+            save: tuple[str, ...], as_json: bool, threads: int | None, quiet: bool) -> None:
+    """Segment images (files or folders) and write <stem>_masks.tif for each."""
+    from tqdm import tqdm
+
+    from . import io
+    from .segmenter import SegmentOptions, Segmenter
+
+    if diameter < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--diameter")
+    files = io.list_images(list(inputs))
+    opts = SegmentOptions(
+        diameter=diameter, channels=_channels(channels), invert=invert, tile=tile, augment=augment,
+        batch_size=batch_size, niter=niter, cellprob_threshold=cellprob_threshold,
+        flow_threshold=flow_threshold, min_size=min_size,
+    )
+    segmenter = Segmenter.from_model(model_ref, threads=threads)
+    summary: list[dict[str, Any]] = []
+    failed = 0
+    for path in tqdm(files, desc="segmenting", unit="image", disable=quiet or len(files) < 2):
+        try:
+            image = io.read_image(path)
+            t0 = time.perf_counter()
+            result = segmenter.segment(image, opts)
+            seconds = time.perf_counter() - t0
+            written = _write_outputs(path, out_dir, image, result, save)
+        except CellplugError as exc:
+            click.echo(f"error: {exc}", err=True)
+            failed += 1
+            continue
+        summary.append({"image": str(path), "masks": str(written[0]), "objects": result.n_objects,
+                        "diameter": round(result.diameter, 2), "seconds": round(seconds, 3),
+                        "outputs": [str(w) for w in written]})
+        if not quiet and not as_json:
+            click.echo(f"{path}: {result.n_objects} objects (diameter {result.diameter:.1f} px) -> {written[0]}")
+    if as_json:
+        doc = {"model": segmenter.model.name, "images": summary}
+        click.echo(json.dumps(doc, indent=2))
+        if summary:
+            target = (out_dir or Path(summary[0]["masks"]).parent) / "summary.json"
+            io.write_json(target, doc)
+    if failed:
+        raise SystemExit(1)
+
+
+def _write_outputs(path: Path, out_dir: Path | None, image, result, save) -> list[Path]:
+    """Write masks and extras for one image; on any failure remove what was written."""
+    from . import io, render
+
+    folder = out_dir or path.parent
+    stem = path.stem
+    jobs = [(folder / f"{stem}_masks.tif", lambda p: io.write_labels(p, result.labels))]
+    if "flows" in save:
+        jobs.append((folder / f"{stem}_flows.tif", lambda p: io.write_tiff(p, result.flows)))
+    if "cellprob" in save:
+        jobs.append((folder / f"{stem}_cellprob.tif", lambda p: io.write_tiff(p, result.cellprob)))
+    if "overlay" in save:
+        jobs.append((folder / f"{stem}_overlay.png",
+                     lambda p: io.write_png(p, render.outline_overlay(image, result.labels))))
+    written: list[Path] = []
+    try:
+        for target, write in jobs:
+            write(target)
+            written.append(target)
+    except BaseException:
+        for w in written:
+            w.unlink(missing_ok=True)
+        raise
+    return written
+
+
+# -- train -------------------------------------------------------------------------------
+def _is_val(stem: str, fraction: float, seed: int) -> bool:
+    h = int(hashlib.sha1(f"{seed}:{stem}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < fraction
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Model path (.pth; metadata goes to .json beside it).")
+@click.option("--base", "base_ref", default=None, help="Start from this model (name or path): fine-tuning.")
+@click.option("--source", "source_name", default=None, help="Annotation source (default: auto-detect).")
+@click.option("--val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File listing validation stems (one per line), kept out of training.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Hold out this fraction (by stem hash) when no --val-list is given.")
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--patch", type=int, default=224, show_default=True, help="Square patch size (pixels).")
+@click.option("--learning-rate", type=float, default=0.005, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
+@click.option("--warmup-epochs", type=int, default=10, show_default=True)
+@click.option("--diam-mean", type=float, default=30.0, show_default=True,
+              help="Object diameter patches are rescaled to (new models only).")
+@click.option("--images-per-epoch", type=int, default=None)
+@click.option("--sampling", type=click.Choice(["uniform", "sqrt"]), default="uniform", show_default=True,
+              help="sqrt: each source drawn in proportion to the square root of its size.")
+@click.option("--eval-every", type=int, default=10, show_default=True)
+@click.option("--eval-images", type=int, default=None, help="Validation images scored per evaluation.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--checkpoint-every", type=int, default=5, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast (much faster on recent x86 CPUs).")
+@click.option("--threads", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True)
+@click.option("--size-epochs", type=int, default=4, show_default=True,
+              help="Passes over the training images to fit the size model.")
+@click.option("-q", "--quiet", is_flag=True)
+def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, source_name: str | None,
+          val_list: Path | None, val_fraction: float, epochs: int, batch_size: int, patch: int,
+          learning_rate: float, weight_decay: float, warmup_epochs: int, diam_mean: float,
+          images_per_epoch: int | None, sampling: str, eval_every: int, eval_images: int | None,
+          checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, bf16: bool,
+          threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
+          quiet: bool) -> None:
+    """Train (or fine-tune with --base) a model on annotated images."""
+    from .annotations import read_annotations
+    from .models import resolve_model
+    from .plugins import get_registry
+    from .train import TrainConfig, prepare_samples
+    from .train import train as run_training
+
+    registry = get_registry()
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, patch=patch, learning_rate=learning_rate,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, diam_mean=diam_mean,
+        images_per_epoch=images_per_epoch, sampling=sampling, seed=seed, eval_every=eval_every,
+        eval_images=eval_images, checkpoint_every=checkpoint_every, bf16=bf16, threads=threads,
+        channels=_channels(channels), size_epochs=size_epochs,
+    )
+    base = resolve_model(base_ref, registry) if base_ref else None
+    decoder = registry.get("decoder", base.decoder if base else config.decoder)
+    val_stems = set(val_list.read_text().split()) if val_list else None
+    train_s, val_s, described = [], [], []
+    for src in sources:
+        anns = list(read_annotations(src, source_name, registry))
+        if val_stems is not None:
+            is_val = [a.stem in val_stems for a in anns]
+        else:
+            is_val = [_is_val(a.stem, val_fraction, seed) for a in anns]
+        tr = [a for a, v in zip(anns, is_val, strict=True) if not v]
+        va = [a for a, v in zip(anns, is_val, strict=True) if v]
+        group = src.name
+        train_s += prepare_samples(tr, decoder, config.channels, 2, group, config.min_train_masks, not quiet)
+        val_s += prepare_samples(va, decoder, config.channels, 2, group, 1, not quiet)
+        described.append({"source": str(src), "n_train": len(tr), "n_val": len(va)})
+        click.echo(f"{src}: {len(tr)} training, {len(va)} validation images", err=True)
+    result = run_training(
+        train_s, val_s, out_path, config, base_model=base, registry=registry,
+        checkpoint_dir=checkpoint_dir, resume=resume, progress=not quiet,
+        data_description={"sources": described, "val_list": str(val_list) if val_list else None},
+        log_fn=lambda m: click.echo(m, err=True),
+    )
+    click.echo(f"saved {result.model_path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

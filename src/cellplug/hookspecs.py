@@ -1,0 +1,143 @@
+"""The plugin contract: one hook per kind of plugin.
+
+Every hook receives a ``register`` callable and calls it once per thing it provides,
+in the style of ``llm``'s ``register_models``. The plugin manager (:mod:`cellplug.plugins`)
+collects the registrations, records which plugin and distribution provided each, and keeps
+going when one plugin fails.
+
+A plugin module implements any subset of these hooks with :data:`cellplug.hookimpl`::
+
+    from cellplug import hookimpl
+
+    @hookimpl
+    def register_backbones(register):
+        register("my-unet", build_my_unet)
+
+pluggy checks at registration time that a hook implementation only asks for arguments the
+spec declares (here: ``register``); a plugin that gets this wrong is rejected and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("cellplug")
+
+Register = Callable[..., None]
+
+
+@hookspec
+def register_backbones(register: Register) -> None:
+    """Register neural-network backbones.
+
+    Call ``register(name, factory)`` for each backbone. ``factory(n_channels, n_outputs,
+    **options)`` returns a ``torch.nn.Module`` whose ``forward(x)`` maps
+
+    - ``x``: float32 tensor (B, C, H, W), a normalised image batch, ``C == n_channels``,
+      ``H`` and ``W`` multiples of 16,
+
+    to a tuple ``(raw, style)``:
+
+    - ``raw``: float32 tensor (B, n_outputs, H, W), interpreted by a flow decoder;
+    - ``style``: float32 tensor (B, S), one L2-normalised style vector per image.
+
+    The module may carry ``diam_mean`` and ``diam_labels`` (1-element tensors, pixels)
+    in its state dict: the object diameter it was trained at, and the mean diameter of
+    its training labels. ``factory.accepts_state_dict(state_dict) -> dict | None`` may be
+    provided: it returns the factory options that rebuild the network for a given state
+    dict (used to load weights that carry no metadata, such as Cellpose ``.pth`` files),
+    or ``None`` when the state dict is not this backbone's.
+    """
+
+
+@hookspec
+def register_flow_decoders(register: Register) -> None:
+    """Register flow representations (decoders).
+
+    Call ``register(name, decoder)``. A decoder defines what the backbone learns and how
+    its output becomes flows. It has:
+
+    - ``n_outputs: int``: the number of raw output channels K it needs;
+    - ``targets(labels) -> ndarray``: training targets from a label image
+      (H, W) integer, 0 = background, returned as float32 (T, H, W);
+    - ``decode(raw) -> (flows, cellprob)``: raw float32 (K, H, W) to a flow field
+      float32 (2, H, W) (Y then X, unit scale, pointing towards object centres) and a
+      cell-probability map float32 (H, W) (a logit: > 0 means "inside a cell");
+    - ``loss(raw, targets) -> torch scalar``: raw (B, K, H, W) and targets (B, T, H, W)
+      as torch tensors, used for training;
+    - ``rotate_targets(targets, theta, flip) -> ndarray`` (optional): how targets change
+      when the image is flipped left-right and then rotated by ``theta`` radians during
+      augmentation (vector fields rotate, scalars do not).
+    """
+
+
+@hookspec
+def register_mask_reconstructors(register: Register) -> None:
+    """Register mask reconstructors.
+
+    Call ``register(name, reconstruct)`` with
+    ``reconstruct(flows, cellprob, **params) -> labels``:
+
+    - ``flows``: float32 (2, H, W), unit-scale flow field from a decoder;
+    - ``cellprob``: float32 (H, W), cell-probability logit;
+    - ``params``: keyword parameters (``niter``, ``cellprob_threshold``, ``flow_threshold``,
+      ``min_size``, ...); a reconstructor must accept and ignore ones it does not use;
+    - ``labels``: uint32 (H, W), 0 = background, objects numbered 1..N.
+    """
+
+
+@hookspec
+def register_style_selectors(register: Register) -> None:
+    """Register style selectors (``--model auto``).
+
+    Call ``register(name, select)`` with ``select(styles, models) -> list[str]``:
+
+    - ``styles``: float32 (N, S), one style vector per image, computed by a common
+      reference model;
+    - ``models``: sequence of :class:`cellplug.models.ModelInfo` candidates, each possibly
+      carrying a ``style_centroid`` (S,) in its metadata;
+    - returns one model name per image.
+    """
+
+
+@hookspec
+def register_annotation_sources(register: Register) -> None:
+    """Register annotation sources (training and correction data).
+
+    Call ``register(name, source)``. A source has:
+
+    - ``detect(location: pathlib.Path) -> bool``: whether it can read ``location``;
+    - ``read(location) -> Iterator[Annotation]``: yields
+      :class:`cellplug.annotations.Annotation` items, each an image (Y, X) or (Y, X, C)
+      in its own dtype and a label image (Y, X) integer with 0 = background, plus the
+      stem they came from.
+    """
+
+
+@hookspec
+def register_models(register: Register) -> None:
+    """Register pretrained models shipped by a plugin.
+
+    Call ``register(name, weights_path)`` where ``weights_path`` is a
+    :class:`pathlib.Path` to a state-dict file (``.pth``, loadable with
+    ``torch.load(weights_only=True)``). Metadata is read from the JSON file beside it
+    (same stem, ``.json``); see :mod:`cellplug.models`.
+    """
+
+
+HOOK_KINDS: dict[str, str] = {
+    "backbone": "register_backbones",
+    "decoder": "register_flow_decoders",
+    "reconstructor": "register_mask_reconstructors",
+    "selector": "register_style_selectors",
+    "source": "register_annotation_sources",
+    "model": "register_models",
+}
+"""Plugin kinds as the CLI names them, mapped to the hook that registers them."""
+
+
+def _all_specs() -> dict[str, Any]:
+    return {name: globals()[name] for name in HOOK_KINDS.values()}

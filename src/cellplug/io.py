@@ -1,0 +1,272 @@
+"""Reading images and labels, writing results atomically.
+
+Images come back as numpy arrays in their own dtype with an explicit dimension order:
+(Y, X) for one channel, (Y, X, C) for several. Anything that cannot be put in that order
+(a z-stack, a time series, 5 colour samples...) is an :class:`~cellplug.errors.InputError`
+naming the file and its shape, never a silent guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+OTHER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = TIFF_SUFFIXES + OTHER_SUFFIXES
+MAX_CHANNELS = 8  # more than this along a channel-like axis is treated as a stack, not colour
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _axes_to_yxc(data: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """Reorder ``data`` with tifffile axis codes to (Y, X) or (Y, X, C)."""
+    axes = axes.upper()
+    # drop singleton axes other than Y and X (T=1, Z=1, C=1, ...)
+    keep = [i for i, a in enumerate(axes) if a in "YX" or data.shape[i] != 1]
+    data = data.reshape([data.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if "Y" not in axes or "X" not in axes:
+        raise InputError(path, f"cannot find Y and X axes (axes {axes}, shape {data.shape})")
+    extra = [a for a in axes if a not in "YX"]
+    if len(extra) > 1 or (extra and extra[0] not in "CS"):
+        raise InputError(
+            path,
+            f"expected a 2-D image (Y, X) or (Y, X, C); got axes {axes} with shape "
+            f"{data.shape} (z-stacks and time series are not supported: split them first)",
+        )
+    order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in extra]
+    data = np.transpose(data, order)
+    if data.ndim == 3 and data.shape[2] > MAX_CHANNELS:
+        raise InputError(path, f"{data.shape[2]} channels is too many (max {MAX_CHANNELS})")
+    return data
+
+
+def _guess_yxc(data: np.ndarray, path: Path) -> np.ndarray:
+    """Order an array without axis metadata: (Y, X), (Y, X, C) or (C, Y, X) with C <= 8."""
+    data = np.squeeze(data) if data.ndim > 2 else data
+    if data.ndim == 2:
+        return data
+    if data.ndim == 3:
+        if data.shape[2] <= MAX_CHANNELS < min(data.shape[:2]) or data.shape[2] <= 4:
+            return data
+        if data.shape[0] <= MAX_CHANNELS:
+            return np.moveaxis(data, 0, -1)
+    raise InputError(
+        path,
+        f"expected a 2-D image (Y, X) or (Y, X, C) with at most {MAX_CHANNELS} channels; "
+        f"got shape {data.shape}",
+    )
+
+
+def _check_values(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.size == 0 or min(data.shape[:2]) == 0:
+        raise InputError(path, f"image is empty (shape {data.shape})")
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise InputError(path, f"unsupported pixel type {data.dtype}")
+    if np.issubdtype(data.dtype, np.floating):
+        if np.isnan(data).any():
+            raise InputError(path, "image contains NaN values")
+        if np.isinf(data).any():
+            raise InputError(path, "image contains infinite values")
+    return data
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a microscopy image.
+
+    Parameters
+    ----------
+    path
+        A TIFF / OME-TIFF (via tifffile) or a PNG, JPEG or BMP file (via imageio).
+
+    Returns
+    -------
+    ndarray
+        (Y, X) or (Y, X, C), in the file's own dtype (uint8, uint16, float32, ...).
+        PNG alpha channels are dropped.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, corrupt TIFF, unsupported dimensions, empty image,
+        NaN or infinite values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected an image file")
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                data = series.asarray()
+                axes = series.axes
+        except Exception as exc:  # tifffile raises several types for broken files
+            raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
+        data = _axes_to_yxc(np.asarray(data), axes, path)
+    elif suffix in OTHER_SUFFIXES:
+        import imageio.v3 as iio
+
+        try:
+            data = np.asarray(iio.imread(path))
+        except Exception as exc:
+            raise InputError(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
+        if data.ndim == 3 and data.shape[2] == 4 and suffix == ".png":
+            data = data[..., :3]
+        data = _guess_yxc(data, path)
+    else:
+        raise InputError(
+            path, f"unsupported file type {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)}"
+        )
+    return _check_values(np.ascontiguousarray(data), path)
+
+
+def read_labels(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a label image: (Y, X) integer, 0 = background, any positive ids."""
+    path = Path(path)
+    data = read_image(path)
+    if data.ndim != 2:
+        raise InputError(path, f"label image must be 2-D (Y, X); got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.mod(data, 1) == 0):
+            raise InputError(path, "label image has non-integer values")
+        data = data.astype(np.int64)
+    if data.min() < 0:
+        raise InputError(path, "label image has negative values")
+    return data
+
+
+def labels_dtype(labels: np.ndarray) -> np.dtype:
+    """uint16 when it fits (what Fiji and CellProfiler read best), else uint32."""
+    return np.dtype(np.uint16) if labels.size == 0 or labels.max() < 2**16 else np.dtype(np.uint32)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    On error the temporary file is removed and ``path`` is untouched, so a failed run
+    never leaves a half-written result behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared files
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_tiff(path: Path, data: np.ndarray, **kwargs: Any) -> None:
+    import tifffile
+
+    tifffile.imwrite(path, data, compression="zlib", **kwargs)
+
+
+def write_labels(path: str | os.PathLike[str], labels: np.ndarray) -> Path:
+    """Write a label image (Y, X) as a zlib-compressed TIFF, atomically.
+
+    Stored as uint16 when the largest label fits, else uint32.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    with atomic_path(path) as tmp:
+        _write_tiff(tmp, labels.astype(labels_dtype(labels), copy=False))
+    return Path(path)
+
+
+def write_tiff(path: str | os.PathLike[str], data: np.ndarray) -> Path:
+    """Write any array as a zlib-compressed TIFF, atomically (dtype kept)."""
+    with atomic_path(path) as tmp:
+        _write_tiff(tmp, np.asarray(data))
+    return Path(path)
+
+
+def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
+    """Write a uint8 (Y, X) or (Y, X, 3) array as PNG, atomically."""
+    import imageio.v3 as iio
+
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"PNG data must be uint8, got {rgb.dtype}")
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, rgb, extension=".png")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], obj: Mapping[str, Any] | list[Any]) -> Path:
+    """Write JSON (indented, UTF-8), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def list_images(
+    inputs: list[str | os.PathLike[str]], exclude_suffixes: tuple[str, ...] = ("_masks",)
+) -> list[Path]:
+    """Expand files and directories into a sorted list of image files.
+
+    Directories contribute their image files (not recursively), skipping files whose
+    stem ends with one of ``exclude_suffixes`` (our own outputs, ground-truth masks).
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(
+                f
+                for f in p.iterdir()
+                if f.is_file()
+                and is_image_path(f)
+                and not f.name.startswith(".")
+                and not any(f.stem.endswith(s) for s in exclude_suffixes)
+                and not f.stem.endswith(("_flows", "_overlay", "_cellprob"))
+            )
+            if not files:
+                raise InputError(p, "directory contains no image files")
+            out.extend(files)
+        else:
+            if not p.exists():
+                raise InputError(p, "no such file")
+            out.append(p)
+    return out

@@ -1,0 +1,239 @@
+"""Composition of the chosen plugins: image -> labels. No file I/O here.
+
+A :class:`Segmenter` holds a model's network, its flow decoder and a mask reconstructor,
+and runs the steps in order, each a plain function:
+
+    select channels -> normalise -> rescale to ``diam_mean`` -> network (tiled or whole)
+    -> resample back -> decode to flows + cell probability -> reconstruct labels
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import transforms
+from .errors import CellplugError
+from .inference import run_network
+from .models import ModelInfo, build_network, resolve_model
+from .plugins import PluginRegistry, get_registry
+
+
+@dataclass
+class SegmentOptions:
+    """Everything that changes a segmentation, with Cellpose's defaults.
+
+    diameter
+        Typical object diameter in pixels; ``0`` or ``None`` estimates it with the model's
+        size model (or, without one, uses the model's mean training diameter).
+    channels
+        ``(cyto, nucleus)``, 0 = grayscale / none, 1-based otherwise.
+    """
+
+    diameter: float | None = 0.0
+    channels: Sequence[int] = (0, 0)
+    invert: bool = False
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    tile: bool = True
+    bsize: int = 224
+    tile_overlap: float = 0.1
+    batch_size: int = 8
+    augment: bool = False
+    resample: bool = True
+    niter: int | None = None
+    cellprob_threshold: float = 0.0
+    flow_threshold: float = 0.4
+    min_size: int = 15
+    max_size_fraction: float = 0.4
+
+
+@dataclass
+class Segmentation:
+    """What :meth:`Segmenter.segment` returns.
+
+    labels: uint32 (Y, X); flows: float32 (2, Y, X) unit scale; cellprob: float32 (Y, X)
+    logit; style: float32 (S,); diameter: the diameter used (pixels).
+    """
+
+    labels: np.ndarray
+    flows: np.ndarray
+    cellprob: np.ndarray
+    style: np.ndarray
+    diameter: float
+    timings: dict[str, float] = field(default_factory=dict)
+    n_tiles: int = 0
+
+    @property
+    def n_objects(self) -> int:
+        return int(self.labels.max()) if self.labels.size else 0
+
+
+def _count_objects(labels: np.ndarray) -> np.ndarray:
+    counts = np.bincount(labels.ravel())[1:]
+    return counts[counts > 0]
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Median object diameter (diameter of the disk of the same area), 0 if none."""
+    counts = _count_objects(labels)
+    if counts.size == 0:
+        return 0.0
+    return float(np.median(np.sqrt(counts)) / (np.sqrt(np.pi) / 2))
+
+
+class Segmenter:
+    """A model's network plus the decoder and reconstructor that turn its output into labels."""
+
+    def __init__(
+        self, model: ModelInfo, net: Any, decoder: Any, reconstructor: Any, threads: int | None = None
+    ) -> None:
+        self.model = model
+        self.net = net
+        self.decoder = decoder
+        self.reconstructor = reconstructor
+        self.threads = threads
+        self.vector_channels = tuple(
+            c - 1 for c in getattr(decoder, "vector_channels", (1, 2))
+        )  # raw channels are targets minus the foreground channel
+        import torch
+
+        self.net = self.net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_model(
+        cls,
+        ref: str | None = None,
+        registry: PluginRegistry | None = None,
+        reconstructor: str | None = None,
+        threads: int | None = None,
+    ) -> Segmenter:
+        """Build from a model name or path (``None``: the default model)."""
+        registry = registry or get_registry()
+        info = resolve_model(ref, registry)
+        net = build_network(info, registry)
+        decoder = registry.get("decoder", info.decoder)
+        recon = registry.get("reconstructor", reconstructor or info.reconstructor)
+        return cls(info, net, decoder, recon, threads)
+
+    # -- steps ---------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, opts: SegmentOptions) -> np.ndarray:
+        """(Y, X[, C]) -> float32 (C, Y, X) normalised network input at the original size."""
+        return transforms.prepare_image(
+            image, opts.channels, self.model.n_channels, opts.percentiles, opts.invert
+        )
+
+    def network(self, prepared: np.ndarray, rescale: float, opts: SegmentOptions, resample: bool = True):
+        """Run the network at ``rescale``; returns (raw (K, Y', X'), style, n_tiles)."""
+        shape = prepared.shape[1:]
+        x = prepared
+        if rescale != 1.0:
+            x = transforms.resize(prepared, transforms.rescaled_shape(shape, rescale))
+        with _threads(self.threads):
+            out = run_network(
+                self.net, x, tile=opts.tile, bsize=opts.bsize, tile_overlap=opts.tile_overlap,
+                batch_size=opts.batch_size, augment=opts.augment,
+                vector_channels=self.vector_channels,  # type: ignore[arg-type]
+            )
+        raw = out.raw
+        if resample and raw.shape[1:] != shape:
+            raw = transforms.resize(raw, shape)
+        return raw, out.style, out.n_tiles
+
+    def reconstruct(self, flows: np.ndarray, cellprob: np.ndarray, niter: int, opts: SegmentOptions) -> np.ndarray:
+        labels = self.reconstructor(
+            flows, cellprob, niter=niter, cellprob_threshold=opts.cellprob_threshold,
+            flow_threshold=opts.flow_threshold, min_size=opts.min_size,
+            max_size_fraction=opts.max_size_fraction,
+        )
+        return np.asarray(labels, dtype=np.uint32)
+
+    def estimate_diameter(self, image: np.ndarray, opts: SegmentOptions | None = None) -> float:
+        """Object diameter (pixels) of ``image``, as Cellpose's size model does it.
+
+        1. style vector at the model's default scale -> linear regression -> first guess;
+        2. segment at that guess (no resampling) and take the median mask diameter.
+        Falls back to the model's mean training diameter when it has no size model.
+        """
+        opts = opts or SegmentOptions()
+        size_model = self.model.size_model
+        if size_model is None:
+            return self.model.diam_labels
+        prepared = self.prepare(image, opts)
+        return self._estimate_diameter(prepared, opts)
+
+    def _estimate_diameter(self, prepared: np.ndarray, opts: SegmentOptions) -> float:
+        size_model = self.model.size_model
+        assert size_model is not None
+        dm = self.model.diam_mean
+        _, style, _ = self.network(prepared, dm / self.model.diam_labels, opts, resample=False)
+        guess = size_model.predict(style)
+        rescale = dm / guess
+        raw, _, _ = self.network(prepared, rescale, opts, resample=False)
+        flows, cellprob = self.decoder.decode(raw)
+        labels = self.reconstruct(flows, cellprob, 200, opts)
+        d = median_diameter(labels) / rescale
+        return d if d > 0 and np.isfinite(d) else dm
+
+    # -- the whole thing -----------------------------------------------------------------
+    def segment(self, image: np.ndarray, options: SegmentOptions | None = None, **overrides: Any) -> Segmentation:
+        """Segment one image (Y, X) or (Y, X, C).
+
+        Options come from ``options`` (a :class:`SegmentOptions`) updated with keyword
+        ``overrides``.
+        """
+        opts = options or SegmentOptions()
+        if overrides:
+            unknown = set(overrides) - set(SegmentOptions.__dataclass_fields__)
+            if unknown:
+                raise TypeError(f"unknown segmentation option(s): {', '.join(sorted(unknown))}")
+            opts = SegmentOptions(**{**opts.__dict__, **overrides})
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prepared = self.prepare(image, opts)
+        diameter = opts.diameter
+        if diameter is None or diameter <= 0:
+            if self.model.size_model is not None:
+                diameter = self._estimate_diameter(prepared, opts)
+            else:
+                diameter = self.model.diam_labels
+            timings["size"] = time.perf_counter() - t0
+        rescale = self.model.diam_mean / float(diameter)
+        if not np.isfinite(rescale) or rescale <= 0:
+            raise CellplugError(f"invalid diameter {diameter!r}")
+        t1 = time.perf_counter()
+        raw, style, n_tiles = self.network(prepared, rescale, opts, resample=opts.resample)
+        timings["network"] = time.perf_counter() - t1
+        flows, cellprob = self.decoder.decode(raw)
+        niter = opts.niter or int(200 / rescale if opts.resample else 200)
+        t2 = time.perf_counter()
+        labels = self.reconstruct(flows, cellprob, niter, opts)
+        if labels.shape != prepared.shape[1:]:
+            labels = transforms.resize(labels, prepared.shape[1:], nearest=True)
+        timings["masks"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        return Segmentation(labels, flows, cellprob, style, float(diameter), timings, n_tiles)
+
+
+class _threads:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+        self.old: int | None = None
+
+    def __enter__(self) -> None:
+        if self.n:
+            import torch
+
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.old is not None:
+            import torch
+
+            torch.set_num_threads(self.old)

@@ -1,0 +1,401 @@
+"""Training a backbone on (image, labels) pairs: the Cellpose recipe, on CPU or GPU.
+
+Defaults follow Cellpose 3: targets from the flow decoder, random rotation, flip, scale
+(objects rescaled to ``diam_mean``, then +-50 %) and crop to square patches, loss from the
+decoder (flow MSE x 5 + BCE), AdamW with a linear warm-up and step decay at the end. After
+segmentation training a size model (style -> diameter) is fitted, and the style centroid of
+the training images is recorded for style-based model selection.
+
+Everything random derives from ``seed`` and the epoch number, so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from . import metrics, transforms
+from .annotations import Annotation
+from .errors import CellplugError
+from .models import ModelInfo, SizeModel, build_network, save_model
+from .plugins import PluginRegistry, get_registry
+from .segmenter import SegmentOptions, Segmenter, median_diameter
+
+log = logging.getLogger("cellplug.train")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (all serialised into the model's metadata)."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    patch: int = 224
+    learning_rate: float = 0.005
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 10
+    decay_fraction: float = 0.2  # the last 20 % of epochs halve the LR ten times
+    scale_range: float = 0.5
+    diam_mean: float = 30.0
+    min_train_masks: int = 5
+    images_per_epoch: int | None = None  # default: number of training images
+    sampling: str = "uniform"  # or "sqrt": each source weighted by sqrt(its size)
+    seed: int = 0
+    eval_every: int = 10
+    eval_images: int | None = None  # validation images scored per evaluation (None: all)
+    checkpoint_every: int = 5
+    bf16: bool = False  # bfloat16 autocast (fast on CPUs with AVX512-BF16 / AMX)
+    threads: int | None = None
+    channels: tuple[int, int] = (0, 0)
+    backbone: str = "cellpose-unet"
+    decoder: str = "cellpose-flows"
+    size_epochs: int = 4
+    size_patch: int = 224
+
+
+@dataclass
+class Sample:
+    """A training image prepared once: normalised input, targets, diameter."""
+
+    x: np.ndarray  # float32 (C, Y, X)
+    targets: np.ndarray  # float32 (T, Y, X)
+    labels: np.ndarray  # (Y, X) int32
+    diameter: float
+    stem: str
+    source: str
+    group: str = ""
+
+
+def prepare_samples(
+    annotations: Sequence[Annotation], decoder: Any, channels: Sequence[int], n_channels: int,
+    group: str = "", min_masks: int = 0, progress: bool = False,
+) -> list[Sample]:
+    """Normalise images and compute targets and diameters (objects < ``min_masks`` skipped)."""
+    from tqdm import tqdm
+
+    out = []
+    for ann in tqdm(annotations, desc=f"preparing {group or 'images'}", disable=not progress, leave=False):
+        labels = np.asarray(ann.labels).astype(np.int32)
+        n_obj = np.unique(labels[labels > 0]).size
+        if n_obj < min_masks:
+            continue
+        x = transforms.prepare_image(ann.image, channels, n_channels)
+        out.append(
+            Sample(x, decoder.targets(labels), labels, max(5.0, median_diameter(labels)),
+                   ann.stem, ann.source, group)
+        )
+    return out
+
+
+def random_patch(
+    sample: Sample, rng: np.random.Generator, patch: int, diam_mean: float, scale_range: float,
+    decoder: Any, rescale: bool = True, with_targets: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """One augmented patch: flip, rotate, scale objects to ``diam_mean`` (x random factor), crop.
+
+    Returns ``(x (C, patch, patch), targets (T, patch, patch) or None, scale)``.
+    """
+    c, ly, lx = sample.x.shape
+    flip = rng.random() > 0.5
+    theta = rng.random() * 2 * np.pi
+    scale = (1 - scale_range / 2) + scale_range * rng.random()
+    if rescale:
+        scale *= diam_mean / sample.diameter
+    shift = (rng.random(2) - 0.5) * np.maximum(0, np.array([ly * scale - patch, lx * scale - patch]))
+    x, t = sample.x, sample.targets
+    vec = getattr(decoder, "vector_channels", ())
+    if flip:
+        x = x[:, :, ::-1]
+        t = t[:, :, ::-1].copy()
+        if vec:
+            t[vec[1]] *= -1
+    # output pixel o maps to input pixel  R(-theta) (o - oc) / scale + ic   (y, x order)
+    cos, sin = math.cos(theta), math.sin(theta)
+    matrix = np.array([[cos, -sin], [sin, cos]]) / scale
+    in_c = np.array([ly / 2, lx / 2])
+    out_c = np.array([patch / 2, patch / 2]) + shift
+    offset = in_c - matrix @ out_c
+    interp = getattr(decoder, "target_interpolation", ("linear",) * t.shape[0])
+    xo = np.empty((c, patch, patch), np.float32)
+    to = np.empty((t.shape[0], patch, patch), np.float32)
+    for k in range(c):
+        ndimage.affine_transform(x[k], matrix, offset, (patch, patch), output=xo[k], order=1, mode="constant")
+    if not with_targets:
+        return xo, None, scale
+    for k in range(t.shape[0]):
+        ndimage.affine_transform(t[k], matrix, offset, (patch, patch), output=to[k],
+                                 order=0 if interp[k] == "nearest" else 1, mode="constant")
+    if vec:
+        vy, vx = to[vec[0]].copy(), to[vec[1]].copy()
+        # rotate vectors with the image: (y, x) -> (sin * x + cos * y, cos * x - sin * y)
+        to[vec[0]] = sin * vx + cos * vy
+        to[vec[1]] = cos * vx - sin * vy
+    return xo, to, scale
+
+
+def lr_schedule(epochs: int, lr: float, warmup: int, decay_fraction: float) -> np.ndarray:
+    """Per-epoch learning rate: linear warm-up from 0, constant, then 10 halvings."""
+    sched = np.full(epochs, lr, dtype=np.float64)
+    w = min(warmup, epochs)
+    sched[:w] = np.linspace(0, lr, max(w, 1))[:w]
+    n_decay = int(round(epochs * decay_fraction))
+    if n_decay >= 10:
+        start = epochs - n_decay
+        step = n_decay / 10
+        for e in range(start, epochs):
+            sched[e] = lr / 2 ** (1 + int((e - start) / step))
+    return sched
+
+
+def sampling_probabilities(samples: Sequence[Sample], mode: str) -> np.ndarray | None:
+    if mode == "uniform":
+        return None
+    if mode != "sqrt":
+        raise CellplugError(f"unknown sampling {mode!r}; use 'uniform' or 'sqrt'")
+    groups: dict[str, int] = {}
+    for s in samples:
+        groups[s.group] = groups.get(s.group, 0) + 1
+    total = sum(math.sqrt(n) for n in groups.values())
+    p = np.array([math.sqrt(groups[s.group]) / total / groups[s.group] for s in samples])
+    return p / p.sum()
+
+
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: (s.group, s.stem)):
+        h.update(f"{s.group}/{s.stem}".encode())
+        h.update(hashlib.sha256(s.labels.tobytes()).digest())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _set_lr(opt: Any, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def evaluate(
+    segmenter: Segmenter, samples: Sequence[Sample], true_diameter: bool = True,
+    opts: SegmentOptions | None = None,
+) -> dict[str, Any]:
+    """AP at IoU 0.5..0.95 (summed counts and mean per-image AP@0.5) on prepared samples.
+
+    Images are given as already normalised input; ``true_diameter`` uses each image's
+    label diameter, otherwise the size model estimates it.
+    """
+    opts = opts or SegmentOptions()
+    total = None
+    per_image = []
+    for s in samples:
+        d = s.diameter if true_diameter else 0.0
+        img = np.moveaxis(s.x, 0, -1)  # already normalised: normalising again is a no-op
+        seg = segmenter.segment(img, opts, diameter=d, channels=(1, 2) if img.shape[2] > 1 else (0, 0))
+        mc = metrics.match_counts(s.labels, seg.labels)
+        total = mc if total is None else total + mc
+        per_image.append(float(mc.ap[0]))
+    if total is None:
+        return {}
+    return {"ap50_mean": float(np.mean(per_image)), "ap": total.ap.round(4).tolist(),
+            "ap50_pooled": float(total.ap[0])}
+
+
+def train(
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    out_path: Path,
+    config: TrainConfig,
+    base_model: ModelInfo | None = None,
+    registry: PluginRegistry | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data_description: dict[str, Any] | None = None,
+    log_fn: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train and save a model to ``out_path`` (``.pth`` + ``.json``).
+
+    ``base_model`` starts from its weights (fine-tuning); otherwise from random weights.
+    With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every`` epochs and
+    ``resume`` continues from the latest one.
+    """
+    import torch
+    from tqdm import tqdm
+
+    say = log_fn or (lambda m: log.info(m))
+    registry = registry or get_registry()
+    decoder = registry.get("decoder", config.decoder)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    if base_model is not None:
+        net = build_network(base_model, registry)
+        diam_mean = base_model.diam_mean
+    else:
+        factory = registry.get("backbone", config.backbone)
+        net = factory(n_channels=2, n_outputs=decoder.n_outputs, diam_mean=config.diam_mean)
+        diam_mean = config.diam_mean
+    if not train_samples:
+        raise CellplugError("no training images (with enough objects) to train on")
+    diam_labels = float(np.mean([s.diameter for s in train_samples]))
+    with torch.no_grad():
+        net.diam_mean.fill_(diam_mean)
+        net.diam_labels.fill_(diam_labels)
+    net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    sched = lr_schedule(config.epochs, config.learning_rate, config.warmup_epochs, config.decay_fraction)
+    probs = sampling_probabilities(train_samples, config.sampling)
+    n_per_epoch = config.images_per_epoch or len(train_samples)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt_path = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
+    if resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise CellplugError(f"{ckpt_path}: no checkpoint to resume from")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        history = json.loads(ckpt_path.with_suffix(".json").read_text())["history"] if ckpt_path.with_suffix(".json").exists() else []
+        say(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    def make_segmenter() -> Segmenter:
+        info = ModelInfo("training", out_path, {"diam_mean": diam_mean, "diam_labels": diam_labels,
+                                                "n_channels": 2, "decoder": config.decoder})
+        recon = registry.get("reconstructor", "cellpose-dynamics")
+        return Segmenter(info, net, decoder, recon)
+
+    t_start = time.time()
+    for epoch in range(start_epoch, config.epochs):
+        rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 100003 + epoch)
+        order = rng.choice(len(train_samples), size=n_per_epoch, replace=probs is not None, p=probs) \
+            if probs is not None else rng.permutation(len(train_samples))[:n_per_epoch]
+        _set_lr(opt, float(sched[epoch]))
+        net.train()
+        losses = []
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for b in bar:
+            idx = order[b : b + config.batch_size]
+            xs, ts = zip(*[random_patch(train_samples[i], rng, config.patch, diam_mean,
+                                        config.scale_range, decoder)[:2] for i in idx], strict=True)
+            x = torch.from_numpy(np.stack(xs)).contiguous(memory_format=torch.channels_last)
+            t = torch.from_numpy(np.stack(ts))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                raw, _ = net(x)
+            loss = decoder.loss(raw.float(), t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.item()))
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        record: dict[str, Any] = {"epoch": epoch, "lr": float(sched[epoch]), "loss": float(np.mean(losses)),
+                                  "seconds": round(time.time() - t_start, 1)}
+        last = epoch == config.epochs - 1
+        if val_samples and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
+            net.eval()
+            step = max(1, len(val_samples) // config.eval_images) if config.eval_images else 1
+            subset = list(val_samples)[::step][: config.eval_images or None]
+            record["val"] = evaluate(make_segmenter(), subset, true_diameter=True)
+            net = net.to(memory_format=torch.channels_last)
+        history.append(record)
+        say(json.dumps(record))
+        if ckpt_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp)
+            tmp.replace(ckpt_path)
+            ckpt_path.with_suffix(".json").write_text(json.dumps({"epoch": epoch, "history": history}))
+
+    net.eval()
+    size_model = fit_size_model(net, train_samples, diam_mean, config)
+    centroid = style_centroid(net, train_samples)
+    seg_time = time.time() - t_start
+    meta: dict[str, Any] = {
+        "name": out_path.stem,
+        "backbone": config.backbone,
+        "backbone_options": {"n_channels": 2, "n_outputs": decoder.n_outputs},
+        "decoder": config.decoder,
+        "reconstructor": "cellpose-dynamics",
+        "channels": list(config.channels),
+        "n_channels": 2,
+        "diam_mean": diam_mean,
+        "diam_labels": diam_labels,
+        "size_model": size_model.to_dict(),
+        "style_centroid": centroid.tolist(),
+        "base_model": base_model.name if base_model else None,
+        "training": {
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+            "data": data_description or {},
+            "n_train": len(train_samples),
+            "n_val": len(val_samples),
+            "data_hash": data_fingerprint(train_samples),
+            "seconds": round(seg_time, 1),
+            "history": history,
+        },
+        "metrics": history[-1].get("val", {}) if history else {},
+    }
+    path = save_model(out_path, net, meta, half=True)
+    return TrainResult(path, history)
+
+
+def _styles_of_patches(net: Any, samples: Sequence[Sample], config: TrainConfig, diam_mean: float,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Styles of randomly scaled crops and their log-diameter targets (Cellpose's recipe)."""
+    import torch
+
+    styles, targets = [], []
+    for epoch in range(config.size_epochs):
+        rng = np.random.default_rng([config.seed, 7919, epoch])
+        for i in rng.permutation(len(samples)):
+            s = samples[i]
+            x, _, scale = random_patch(s, rng, config.size_patch, diam_mean, 1.0, None,
+                                       rescale=False, with_targets=False)
+            with torch.inference_mode():
+                _, st = net(torch.from_numpy(x[None]))
+            styles.append(st[0].float().numpy())
+            targets.append(np.log(s.diameter) - np.log(diam_mean) + np.log(scale))
+    return np.asarray(styles, np.float64), np.asarray(targets, np.float64)
+
+
+def fit_size_model(net: Any, samples: Sequence[Sample], diam_mean: float, config: TrainConfig,
+                   l2: float = 1.0) -> SizeModel:
+    """Ridge regression from style to log diameter, on random crops of the training images."""
+    styles, y = _styles_of_patches(net, samples, config, diam_mean)
+    smean = styles.mean(axis=0)
+    X = (styles - smean).T
+    ymean = float(y.mean())
+    A = np.linalg.solve(X @ X.T + l2 * np.eye(X.shape[0]), X @ (y - ymean))
+    return SizeModel(A, smean, ymean, diam_mean)
+
+
+def style_centroid(net: Any, samples: Sequence[Sample]) -> np.ndarray:
+    """Mean (L2-normalised) style of the training images at ``diam_mean`` scale."""
+    import torch
+
+    from .inference import run_network
+
+    dm = float(net.diam_mean.item())
+    styles = []
+    for s in samples:
+        x = transforms.resize(s.x, transforms.rescaled_shape(s.x.shape[1:], dm / s.diameter))
+        with torch.inference_mode():
+            styles.append(run_network(net, x).style)
+    c = np.mean(styles, axis=0)
+    return (c / np.linalg.norm(c)).astype(np.float32)
