@@ -1,0 +1,1 @@
+"""A deliberately broken cellplug plugin (test suite only)."""

@@ -1,0 +1,1 @@
+"""Example cellplug plugin (test suite only)."""

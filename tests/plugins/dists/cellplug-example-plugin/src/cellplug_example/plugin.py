@@ -1,0 +1,55 @@
+"""Hook implementations of the example plugin: one of several kinds, nothing more.
+
+- style selector ``first-model``: picks the first candidate model for every image;
+- annotation source ``example-npz``: ``*.npz`` files holding ``image`` and ``labels`` arrays;
+- backbone ``example-tiny``: a two-layer convolutional net satisfying the backbone contract.
+"""
+
+from __future__ import annotations
+
+from cellplug import hookimpl
+
+
+def first_model(styles, models):
+    """Style selector: the first candidate model, for every image."""
+    if not models:
+        raise ValueError("no candidate models")
+    return [models[0].name] * len(styles)
+
+
+class NpzSource:
+    """Annotation source: a folder of ``.npz`` files with ``image`` and ``labels`` arrays."""
+
+    def detect(self, location):
+        return location.is_dir() and any(location.glob("*.npz"))
+
+    def read(self, location):
+        import numpy as np
+
+        from cellplug.annotations import Annotation
+
+        for f in sorted(location.glob("*.npz")):
+            with np.load(f) as data:
+                yield Annotation(data["image"], data["labels"], f.stem, str(f))
+
+
+def build_tiny(n_channels: int = 2, n_outputs: int = 3, n_style: int = 8, **options):
+    """A tiny backbone: (B, C, H, W) -> (raw (B, K, H, W), style (B, S))."""
+    from .tiny import TinyNet
+
+    return TinyNet(n_channels, n_outputs, n_style, **options)
+
+
+@hookimpl
+def register_style_selectors(register):
+    register("first-model", first_model)
+
+
+@hookimpl
+def register_annotation_sources(register):
+    register("example-npz", NpzSource())
+
+
+@hookimpl
+def register_backbones(register):
+    register("example-tiny", build_tiny)
