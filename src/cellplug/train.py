@@ -315,13 +315,14 @@ def train(
             record["val"] = evaluate(make_segmenter(), subset, true_diameter=True)
             net = net.to(memory_format=torch.channels_last)
         history.append(record)
-        say(json.dumps(record))
         if ckpt_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp)
             tmp.replace(ckpt_path)
             ckpt_path.with_suffix(".json").write_text(json.dumps({"epoch": epoch, "history": history}))
+            record["checkpoint"] = str(ckpt_path)
+        say(json.dumps(record))
 
     net.eval()
     size_model = fit_size_model(net, train_samples, diam_mean, config)
@@ -399,3 +400,24 @@ def style_centroid(net: Any, samples: Sequence[Sample]) -> np.ndarray:
             styles.append(run_network(net, x).style)
     c = np.mean(styles, axis=0)
     return (c / np.linalg.norm(c)).astype(np.float32)
+
+
+def fixed_batch_loss(net: Any, samples: Sequence[Sample], decoder: Any, config: TrainConfig,
+                     seed: int = 12345, batch_norm_batch_stats: bool = True) -> float:
+    """The decoder loss on one reproducible batch of augmented patches (no weight update).
+
+    With ``batch_norm_batch_stats`` the network normalises with the batch's own statistics
+    (as during training) on a copy, so running statistics are not touched.
+    """
+    import copy
+
+    import torch
+
+    rng = np.random.default_rng(seed)
+    xs, ts = zip(*[random_patch(s, rng, config.patch, float(net.diam_mean.item()), config.scale_range,
+                                decoder)[:2] for s in samples], strict=True)
+    model = copy.deepcopy(net)
+    model.train(batch_norm_batch_stats)
+    with torch.no_grad():
+        raw, _ = model(torch.from_numpy(np.stack(xs)))
+        return float(decoder.loss(raw.float(), torch.from_numpy(np.stack(ts))).item())

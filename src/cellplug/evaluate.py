@@ -1,0 +1,114 @@
+"""Scoring label images against ground truth: per image, per group, overall."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import DEFAULT_THRESHOLDS, MatchCounts, match_counts
+
+
+@dataclass
+class EvalReport:
+    """Per-image rows plus pooled and mean scores, overall and per group.
+
+    ``pooled`` AP sums TP/FP/FN over images before dividing; ``mean`` averages per-image
+    AP (the number the Cellpose papers report).
+    """
+
+    thresholds: tuple[float, ...]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    _counts: dict[str, MatchCounts] = field(default_factory=dict, repr=False)
+
+    def add(self, stem: str, true: np.ndarray, pred: np.ndarray, group: str = "", **extra: Any) -> dict[str, Any]:
+        mc = match_counts(true, pred, self.thresholds)
+        row: dict[str, Any] = {"image": stem, "group": group, **extra,
+                               "n_true": int(mc.tp[0] + mc.fn[0]), "n_pred": int(mc.tp[0] + mc.fp[0])}
+        row.update({f"ap@{t:.2f}": round(float(a), 4) for t, a in zip(self.thresholds, mc.ap, strict=True)})
+        row.update({"precision@0.50": round(float(mc.precision[0]), 4),
+                    "recall@0.50": round(float(mc.recall[0]), 4), "f1@0.50": round(float(mc.f1[0]), 4)})
+        self.rows.append(row)
+        for key in ("all", f"group:{group}" if group else None):
+            if key:
+                self._counts[key] = mc if key not in self._counts else self._counts[key] + mc
+        return row
+
+    def summary(self, group: str | None = None) -> dict[str, Any]:
+        rows = [r for r in self.rows if group is None or r["group"] == group]
+        mc = self._counts["all" if group is None else f"group:{group}"]
+        t0 = self.thresholds[0]
+        return {
+            "n_images": len(rows),
+            "n_true": int(mc.tp[0] + mc.fn[0]),
+            "n_pred": int(mc.tp[0] + mc.fp[0]),
+            f"mean_ap@{t0:.2f}": round(float(np.mean([r[f"ap@{t0:.2f}"] for r in rows])), 4),
+            "mean_ap": {f"{t:.2f}": round(float(np.mean([r[f"ap@{t:.2f}"] for r in rows])), 4)
+                        for t in self.thresholds},
+            "pooled_ap": {f"{t:.2f}": round(float(a), 4) for t, a in zip(self.thresholds, mc.ap, strict=True)},
+            "precision@0.50": round(float(mc.precision[0]), 4),
+            "recall@0.50": round(float(mc.recall[0]), 4),
+            "f1@0.50": round(float(mc.f1[0]), 4),
+        }
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted({r["group"] for r in self.rows if r["group"]})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "thresholds": list(self.thresholds),
+            "overall": self.summary() if self.rows else {},
+            "groups": {g: self.summary(g) for g in self.groups},
+            "images": self.rows,
+        }
+
+    def write_csv(self, path: str | os.PathLike[str]) -> Path:
+        """Per-image rows, then one row per group and one ``overall`` row (mean per-image)."""
+        from .io import atomic_path
+
+        fields = list(self.rows[0]) if self.rows else ["image"]
+        extra_rows = []
+        for g in [*self.groups, None]:
+            rows = [r for r in self.rows if g is None or r["group"] == g]
+            agg = {"image": "overall" if g is None else f"group:{g}", "group": g or ""}
+            for k in fields:
+                if k.startswith(("ap@", "precision", "recall", "f1")):
+                    agg[k] = round(float(np.mean([r[k] for r in rows])), 4)
+                elif k in ("n_true", "n_pred"):
+                    agg[k] = int(sum(r[k] for r in rows))
+            extra_rows.append(agg)
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.rows + extra_rows)
+        return Path(path)
+
+
+def read_groups(spec: str) -> dict[str, str]:
+    """``"metadata.csv:column"`` -> {stem: value} (the CSV needs a ``stem`` column)."""
+    path, _, column = spec.rpartition(":")
+    if not path:
+        raise ValueError(f"--group-by must be CSV:COLUMN, got {spec!r}")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "stem" not in rows[0] or column not in rows[0]:
+        raise ValueError(f"{path}: needs columns 'stem' and {column!r}")
+    return {r["stem"]: r[column] for r in rows}
+
+
+def evaluate(
+    pairs: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    groups: Mapping[str, str] | None = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> EvalReport:
+    """Score ``(stem, true labels, predicted labels)`` triples."""
+    report = EvalReport(tuple(float(t) for t in thresholds))
+    for stem, true, pred in pairs:
+        report.add(stem, true, pred, (groups or {}).get(stem, ""))
+    return report
