@@ -7,7 +7,10 @@ a hook is recorded with its error and skipped: the remaining plugins keep workin
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib.metadata
+import inspect
 import traceback
 import warnings
 from collections.abc import Iterable
@@ -60,6 +63,63 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _entry_point_order(ep: importlib.metadata.EntryPoint) -> tuple[bool, str, str]:
+    dist = getattr(ep, "dist", None)
+    dist_name = dist.name if dist is not None else ""
+    return (dist_name != "cellplug", ep.name, dist_name)
+
+
+def _hookimpls(module: Any) -> list[tuple[str, Any]]:
+    """(hook name, function) for every attribute marked with ``cellplug.hookimpl``."""
+    found = []
+    for attr in dir(module):
+        try:
+            func = getattr(module, attr, None)
+            opts = getattr(func, "cellplug_impl", None)
+        except Exception:  # noqa: BLE001 - an odd attribute is not a hook implementation
+            continue
+        if isinstance(opts, dict):
+            found.append((opts.get("specname") or attr, func))
+    return found
+
+
+def _static_errors(module: Any) -> str | None:
+    """Why ``module``'s hook implementations cannot work, or ``None``.
+
+    Catches what pluggy lets through: hooks that match no hookspec (typos; pluggy allows
+    hooks to be declared later) and implementations that do not take ``register``. The
+    messages name the hook and the expected signature.
+    """
+    known = set(hookspecs.HOOK_KINDS.values())
+    impls = _hookimpls(module)
+    unknown = sorted(name for name, _ in impls if name not in known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        return (
+            f"implements unknown hook(s) {', '.join(hints)}; "
+            f"known hooks: {', '.join(sorted(known))}"
+        )
+    for name, func in impls:
+        try:
+            sig = inspect.signature(func)
+        except (TypeError, ValueError):
+            continue  # left to pluggy
+        params = [
+            p for p in sig.parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is p.empty
+        ]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if len(params) != 1 or params[0].name != "register" or params[0].kind not in positional:
+            return (
+                f"invalid hook implementation {name}{sig}: it must take exactly one "
+                f"argument, register (the hookspec is {name}(register))"
+            )
+    return None
+
+
 class PluginRegistry:
     """A pluggy ``PluginManager`` plus what its plugins registered.
 
@@ -76,8 +136,14 @@ class PluginRegistry:
 
     # -- loading -----------------------------------------------------------------------
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Import and register every entry point of ``group``; failures are recorded."""
-        for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
+        """Import and register every entry point of ``group``; failures are recorded.
+
+        The bundled defaults (distribution ``cellplug``) load first, then every other
+        distribution's entry points by name, so that when two plugins register the same
+        name the default keeps it (see :meth:`registrations`).
+        """
+        eps = importlib.metadata.entry_points(group=group)
+        for ep in sorted(eps, key=_entry_point_order):
             dist = getattr(ep, "dist", None)
             status = PluginStatus(
                 name=ep.name,
@@ -86,7 +152,11 @@ class PluginRegistry:
                 version=dist.version if dist is not None else None,
             )
             if ep.name in self.statuses:
-                status.error = f"duplicate plugin name {ep.name!r}"
+                other = self.statuses[ep.name]
+                status.error = (
+                    f"duplicate plugin name {ep.name!r} (already used by "
+                    f"{other.distribution or other.module})"
+                )
                 self._fail(status)
                 continue
             try:
@@ -102,43 +172,67 @@ class PluginRegistry:
     def add_module(
         self, module: ModuleType | object, name: str, distribution: str | None = None
     ) -> PluginStatus:
-        """Register an already imported plugin module (or object) under ``name``."""
-        status = PluginStatus(
-            name=name, module=getattr(module, "__name__", repr(module)), distribution=distribution
-        )
+        """Register an already imported plugin module (or object) under ``name``.
+
+        Returns its :class:`PluginStatus`; a rejected plugin has ``error`` set (and a
+        :class:`PluginLoadWarning` is issued), it never raises.
+        """
+        label = getattr(module, "__name__", None) or f"<{type(module).__name__} object>"
+        status = PluginStatus(name=name, module=str(label), distribution=distribution)
+        if distribution is not None:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                status.version = importlib.metadata.version(distribution)
         self._register(module, status)
         return status
 
     def _register(self, module: Any, status: PluginStatus) -> None:
-        known = set(hookspecs.HOOK_KINDS.values())
-        unknown = [
-            attr
-            for attr in dir(module)
-            if getattr(getattr(module, attr, None), "cellplug_impl", None) is not None
-            and attr not in known
-        ]
-        if unknown:
-            status.error = (
-                f"implements unknown hook(s) {', '.join(sorted(unknown))}; "
-                f"known hooks: {', '.join(sorted(known))}"
-            )
+        if status.name in self.statuses or self.pm.has_plugin(status.name):
+            status.error = f"duplicate plugin name {status.name!r}"
             self._fail(status)
             return
-        try:
-            self.pm.register(module, name=status.name)
-        except pluggy.PluginValidationError as exc:
-            status.error = f"invalid hook implementation: {_one_line(exc)}"
-            self._fail(status)
-            return
-        except ValueError as exc:  # already registered
-            status.error = _one_line(exc)
+        error = _static_errors(module)
+        if error is None:
+            try:
+                self.pm.register(module, name=status.name)
+            except pluggy.PluginValidationError as exc:
+                error = f"invalid hook implementation: {_one_line(exc)}"
+            except ValueError as exc:  # the same object is already registered under another name
+                error = _one_line(exc)
+            else:
+                error = self._check_signatures(status.name)
+        if error is not None:
+            # pluggy may have added some of the plugin's hooks before rejecting another one
+            if self.pm.has_plugin(status.name):
+                self.pm.unregister(name=status.name)
+            status.error = error
             self._fail(status)
             return
         self.statuses[status.name] = status
         self._registrations = None
 
+    def _check_signatures(self, plugin_name: str) -> str | None:
+        """What pluggy accepted must also be callable as ``hook(register)``."""
+        plugin = self.pm.get_plugin(plugin_name)
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name != plugin_name:
+                    continue
+                if impl.hookwrapper or impl.wrapper:
+                    return f"{caller.name}: hook wrappers are not supported"
+                if tuple(impl.argnames) != ("register",):
+                    got = ", ".join(impl.argnames)
+                    return (
+                        f"invalid hook implementation {caller.name}({got}): it must take "
+                        f"exactly one argument, register (the hookspec is "
+                        f"{caller.name}(register))"
+                    )
+        return None
+
     def _fail(self, status: PluginStatus) -> None:
-        self.statuses.setdefault(status.name, status)
+        key = status.name
+        if key in self.statuses:  # keep the first plugin of that name, still report this one
+            key = f"{status.name} ({status.distribution or status.module})"
+        self.statuses.setdefault(key, status)
         warnings.warn(
             f"cellplug plugin {status.name!r} ({status.module}) skipped: {status.error}",
             PluginLoadWarning,
@@ -150,17 +244,22 @@ class PluginRegistry:
         regs: dict[str, dict[str, Registration]] = {k: {} for k in hookspecs.HOOK_KINDS}
         for status in self.statuses.values():
             status.provides.clear()
+        order = {name: i for i, name in enumerate(self.statuses)}
         for kind, hook_name in hookspecs.HOOK_KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
-            # Call each implementation on its own so that one raising does not hide the rest.
-            for impl in reversed(hook.get_hookimpls()):  # registration order
+            # Call each implementation on its own so that one raising does not hide the
+            # rest, in plugin registration order (pluggy itself calls the last one first).
+            impls = sorted(hook.get_hookimpls(), key=lambda i: order.get(i.plugin_name, len(order)))
+            for impl in impls:
                 status = self.statuses.get(impl.plugin_name)
                 if status is None or not status.ok:
                     continue
 
                 def register(name: str, obj: Any, *, _kind=kind, _status=status) -> None:
                     if not isinstance(name, str) or not name:
-                        raise CellplugError(f"{_kind} names must be non-empty strings, got {name!r}")
+                        raise CellplugError(
+                            f"{_kind} names must be non-empty strings, got {name!r}"
+                        )
                     if name in regs[_kind]:
                         other = regs[_kind][name].plugin
                         warnings.warn(
@@ -176,7 +275,7 @@ class PluginRegistry:
                     _status.provides.append((_kind, name))
 
                 try:
-                    impl.function(register=register)
+                    impl.function(register)
                 except Exception as exc:  # noqa: BLE001 - report, never crash
                     status.error = f"{hook_name} raised {_one_line(exc)}"
                     tb = traceback.extract_tb(exc.__traceback__)
