@@ -31,12 +31,21 @@ def is_image_path(path: Path) -> bool:
 
 
 def _axes_to_yxc(data: np.ndarray, axes: str, path: Path) -> np.ndarray:
-    """Reorder ``data`` with tifffile axis codes to (Y, X) or (Y, X, C)."""
+    """Reorder ``data`` with tifffile axis codes to (Y, X) or (Y, X, C).
+
+    A single axis of unknown meaning (tifffile's ``Q``, ImageJ's ``I``: pages of a TIFF
+    written without axis metadata, e.g. ``tifffile.imwrite(f, (2, Y, X) array)``) is taken
+    as channels when it has at most :data:`MAX_CHANNELS` entries, as for a PNG or an array
+    without metadata; longer ones are stacks and rejected.
+    """
     axes = axes.upper()
     # drop singleton axes other than Y and X (T=1, Z=1, C=1, ...)
     keep = [i for i, a in enumerate(axes) if a in "YX" or data.shape[i] != 1]
     data = data.reshape([data.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
+    unknown = [i for i, a in enumerate(axes) if a in "QI"]
+    if len(unknown) == 1 and len(axes) == 3 and data.shape[unknown[0]] <= MAX_CHANNELS:
+        axes = axes.replace(axes[unknown[0]], "C")
     if "Y" not in axes or "X" not in axes:
         raise InputError(path, f"cannot find Y and X axes (axes {axes}, shape {data.shape})")
     extra = [a for a in axes if a not in "YX"]
@@ -70,9 +79,13 @@ def _guess_yxc(data: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
-def _check_values(data: np.ndarray, path: Path) -> np.ndarray:
-    if data.size == 0 or min(data.shape[:2]) == 0:
+def _check_empty(data: np.ndarray, path: Path) -> None:
+    if data.size == 0:
         raise InputError(path, f"image is empty (shape {data.shape})")
+
+
+def _check_values(data: np.ndarray, path: Path) -> np.ndarray:
+    _check_empty(data, path)
     if data.dtype == bool:
         data = data.astype(np.uint8)
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
@@ -97,7 +110,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     -------
     ndarray
         (Y, X) or (Y, X, C), in the file's own dtype (uint8, uint16, float32, ...).
-        PNG alpha channels are dropped.
+        Alpha channels of PNG files (grey + alpha, RGBA) are dropped.
 
     Raises
     ------
@@ -121,7 +134,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
                 axes = series.axes
         except Exception as exc:  # tifffile raises several types for broken files
             raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
-        data = _axes_to_yxc(np.asarray(data), axes, path)
+        data = np.asarray(data)
+        _check_empty(data, path)
+        data = _axes_to_yxc(data, axes, path)
     elif suffix in OTHER_SUFFIXES:
         import imageio.v3 as iio
 
@@ -129,8 +144,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             data = np.asarray(iio.imread(path))
         except Exception as exc:
             raise InputError(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
-        if data.ndim == 3 and data.shape[2] == 4 and suffix == ".png":
-            data = data[..., :3]
+        _check_empty(data, path)
+        if data.ndim == 3 and suffix == ".png" and data.shape[2] in (2, 4):
+            data = data[..., : data.shape[2] - 1]  # grey + alpha or RGBA: drop alpha
         data = _guess_yxc(data, path)
     else:
         raise InputError(
@@ -186,9 +202,38 @@ def _umask() -> int:
     return mask
 
 
-def _write_tiff(path: Path, data: np.ndarray, **kwargs: Any) -> None:
+def _default_axes(data: np.ndarray) -> str | None:
+    if data.ndim == 2:
+        return "YX"
+    if data.ndim == 3 and data.shape[2] <= MAX_CHANNELS:
+        return "YXC"
+    if data.ndim == 3 and data.shape[0] <= MAX_CHANNELS:
+        return "CYX"
+    return None
+
+
+def _write_tiff(path: Path, data: np.ndarray, axes: str | None = None) -> None:
+    """Write with explicit axes, so that :func:`read_image` reads back the same array.
+
+    (Y, X, 3|4) uint8/uint16 is stored as an RGB(A) image, anything else as grey samples
+    with the axes in tifffile's metadata (without it, tifffile would store a (Y, X, 2)
+    array as Y pages of X x 2 pixels).
+    """
     import tifffile
 
+    axes = axes or _default_axes(data)
+    if axes is not None and len(axes) != data.ndim:
+        raise ValueError(f"axes {axes!r} do not match data of shape {data.shape}")
+    kwargs: dict[str, Any] = {"photometric": "minisblack"}
+    if axes is not None:
+        kwargs["metadata"] = {"axes": axes}
+        if axes.endswith(("C", "S")):
+            kwargs["planarconfig"] = "contig"
+            if data.shape[-1] in (3, 4) and data.dtype in (np.uint8, np.uint16):
+                kwargs["photometric"] = "rgb"
+                kwargs["metadata"] = {"axes": axes[:-1] + "S"}
+                if data.shape[-1] == 4:
+                    kwargs["extrasamples"] = ("unassalpha",)
     tifffile.imwrite(path, data, compression="zlib", **kwargs)
 
 
@@ -201,14 +246,21 @@ def write_labels(path: str | os.PathLike[str], labels: np.ndarray) -> Path:
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
     with atomic_path(path) as tmp:
-        _write_tiff(tmp, labels.astype(labels_dtype(labels), copy=False))
+        _write_tiff(tmp, labels.astype(labels_dtype(labels), copy=False), "YX")
     return Path(path)
 
 
-def write_tiff(path: str | os.PathLike[str], data: np.ndarray) -> Path:
-    """Write any array as a zlib-compressed TIFF, atomically (dtype kept)."""
+def write_tiff(
+    path: str | os.PathLike[str], data: np.ndarray, axes: str | None = None
+) -> Path:
+    """Write an array as a zlib-compressed TIFF, atomically (dtype kept).
+
+    ``axes`` (tifffile codes, e.g. ``"YX"``, ``"YXC"``, ``"CYX"``) is stored in the file;
+    by default (Y, X), (Y, X, C) or (C, Y, X) is inferred with C <= :data:`MAX_CHANNELS`.
+    """
+    data = np.asarray(data)
     with atomic_path(path) as tmp:
-        _write_tiff(tmp, np.asarray(data))
+        _write_tiff(tmp, data, axes)
     return Path(path)
 
 
