@@ -23,23 +23,31 @@ from .hookspecs import HOOK_KINDS
 SAVE_CHOICES = ("flows", "overlay", "cellprob")
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CellplugError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(exc)}", err=True)
             ctx.exit(1)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-    click.echo(f"warning: {message}", err=True)
+    """Warnings (e.g. a plugin that failed to load) as one line on stderr, no source line."""
+    click.echo(f"warning: {_one_line(message)}", err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="cellplug")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Cell segmentation with flow fields, built from plugins."""
+    # for this invocation only (CliRunner, notebooks): restored when the command ends
+    ctx.with_resource(warnings.catch_warnings())
     warnings.showwarning = _show_warning
 
 
@@ -65,12 +73,14 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
         return
     headers = ("kind", "name", "plugin", "distribution", "status")
     table = [headers] + [
-        (r["kind"], r["name"], r["plugin"], f"{r['distribution'] or '-'} {r['version'] or ''}".strip(), r["status"])
+        (r["kind"], r["name"], r["plugin"],
+         f"{r['distribution'] or '-'} {r['version'] or ''}".strip(), r["status"])
         for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(headers) - 1)]
     for row in table:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+        cells = "  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True))
+        click.echo(f"{cells}  {row[-1]}")
 
 
 # -- models ------------------------------------------------------------------------------
@@ -104,7 +114,9 @@ def models_list(as_json: bool) -> None:
         click.echo(f"no models installed (user model directory: {user_model_dir()})")
     for r in rows:
         star = "*" if r["default"] else " "
-        click.echo(f"{star} {r['name']:<24} {r['origin']:<24} diam_mean={r['diam_mean']}  {r['weights']}")
+        click.echo(
+            f"{star} {r['name']:<24} {r['origin']:<24} diam_mean={r['diam_mean']}  {r['weights']}"
+        )
 
 
 # -- segment -----------------------------------------------------------------------------
@@ -118,7 +130,8 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: beside each input).")
-@click.option("--model", "model_ref", default=None, help="Model name or path (default: generalist).")
+@click.option("--model", "model_ref", default=None,
+              help="Model name or path (default: generalist).")
 @click.option("--diameter", type=float, default=0.0, show_default=True,
               help="Object diameter in pixels; 0 estimates it with the model's size model.")
 @click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True,
@@ -127,25 +140,28 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.option("--flow-threshold", type=float, default=0.4, show_default=True)
 @click.option("--cellprob-threshold", type=float, default=0.0, show_default=True)
 @click.option("--min-size", type=int, default=15, show_default=True)
-@click.option("--niter", type=int, default=None, help="Dynamics steps (default: 200 x diameter / diam_mean).")
+@click.option("--niter", type=int, default=None,
+              help="Dynamics steps (default: 200 x diameter / diam_mean).")
 @click.option("--tile/--no-tile", default=True, show_default=True,
               help="Tiled (Cellpose-identical) or whole-image network pass.")
 @click.option("--augment", is_flag=True, help="Flip test-time augmentation.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--save", "save", multiple=True, type=click.Choice(SAVE_CHOICES),
               help="Extra outputs: flows (TIFF), overlay (PNG), cellprob (TIFF). Repeatable.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary and write summary.json.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary and write summary.json.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None, diameter: float,
-            channels: tuple[int, int], invert: bool, flow_threshold: float, cellprob_threshold: float,
-            min_size: int, niter: int | None, tile: bool, augment: bool, batch_size: int,
-            save: tuple[str, ...], as_json: bool, threads: int | None, quiet: bool) -> None:
+def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None,
+            diameter: float, channels: tuple[int, int], invert: bool, flow_threshold: float,
+            cellprob_threshold: float, min_size: int, niter: int | None, tile: bool,
+            augment: bool, batch_size: int, save: tuple[str, ...], as_json: bool,
+            threads: int | None, quiet: bool) -> None:
     """Segment images (files or folders) and write <stem>_masks.tif for each."""
     from tqdm import tqdm
 
     from . import io
-    from .segmenter import SegmentOptions, Segmenter
+    from .segmenter import Segmenter, SegmentOptions
 
     if diameter < 0:
         raise click.BadParameter("must be >= 0", param_hint="--diameter")
@@ -166,14 +182,15 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             seconds = time.perf_counter() - t0
             written = _write_outputs(path, out_dir, image, result, save)
         except CellplugError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(exc)}", err=True)
             failed += 1
             continue
         summary.append({"image": str(path), "masks": str(written[0]), "objects": result.n_objects,
                         "diameter": round(result.diameter, 2), "seconds": round(seconds, 3),
                         "outputs": [str(w) for w in written]})
         if not quiet and not as_json:
-            click.echo(f"{path}: {result.n_objects} objects (diameter {result.diameter:.1f} px) -> {written[0]}")
+            click.echo(f"{path}: {result.n_objects} objects "
+                       f"(diameter {result.diameter:.1f} px) -> {written[0]}")
     if as_json:
         doc = {"model": segmenter.model.name, "images": summary}
         click.echo(json.dumps(doc, indent=2))
@@ -192,7 +209,8 @@ def _write_outputs(path: Path, out_dir: Path | None, image, result, save) -> lis
     stem = path.stem
     jobs = [(folder / f"{stem}_masks.tif", lambda p: io.write_labels(p, result.labels))]
     if "flows" in save:
-        jobs.append((folder / f"{stem}_flows.tif", lambda p: io.write_tiff(p, result.flows)))
+        jobs.append((folder / f"{stem}_flows.tif",
+                     lambda p: io.write_tiff(p, result.flows, axes="CYX")))
     if "cellprob" in save:
         jobs.append((folder / f"{stem}_cellprob.tif", lambda p: io.write_tiff(p, result.cellprob)))
     if "overlay" in save:
@@ -201,7 +219,10 @@ def _write_outputs(path: Path, out_dir: Path | None, image, result, save) -> lis
     written: list[Path] = []
     try:
         for target, write in jobs:
-            write(target)
+            try:
+                write(target)
+            except OSError as exc:  # read-only folder, disk full...
+                raise CellplugError(f"{target}: cannot write ({exc.strerror or exc})") from None
             written.append(target)
     except BaseException:
         for w in written:
@@ -220,25 +241,30 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Model path (.pth; metadata goes to .json beside it).")
-@click.option("--base", "base_ref", default=None, help="Start from this model (name or path): fine-tuning.")
-@click.option("--source", "source_name", default=None, help="Annotation source (default: auto-detect).")
+@click.option("--base", "base_ref", default=None,
+              help="Start from this model (name or path): fine-tuning.")
+@click.option("--source", "source_name", default=None,
+              help="Annotation source (default: auto-detect).")
 @click.option("--val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File listing validation stems (one per line), kept out of training.")
 @click.option("--val-fraction", type=float, default=0.0, show_default=True,
               help="Hold out this fraction (by stem hash) when no --val-list is given.")
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--patch", type=int, default=224, show_default=True, help="Square patch size (pixels).")
+@click.option("--patch", type=int, default=224, show_default=True,
+              help="Square patch size (pixels).")
 @click.option("--learning-rate", type=float, default=0.005, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-5, show_default=True)
 @click.option("--warmup-epochs", type=int, default=10, show_default=True)
 @click.option("--diam-mean", type=float, default=30.0, show_default=True,
               help="Object diameter patches are rescaled to (new models only).")
 @click.option("--images-per-epoch", type=int, default=None)
-@click.option("--sampling", type=click.Choice(["uniform", "sqrt"]), default="uniform", show_default=True,
+@click.option("--sampling", type=click.Choice(["uniform", "sqrt"]), default="uniform",
+              show_default=True,
               help="sqrt: each source drawn in proportion to the square root of its size.")
 @click.option("--eval-every", type=int, default=10, show_default=True)
-@click.option("--eval-images", type=int, default=None, help="Validation images scored per evaluation.")
+@click.option("--eval-images", type=int, default=None,
+              help="Validation images scored per evaluation.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--checkpoint-every", type=int, default=5, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
@@ -284,7 +310,8 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
         tr = [a for a, v in zip(anns, is_val, strict=True) if not v]
         va = [a for a, v in zip(anns, is_val, strict=True) if v]
         group = src.name
-        train_s += prepare_samples(tr, decoder, config.channels, 2, group, config.min_train_masks, not quiet)
+        train_s += prepare_samples(tr, decoder, config.channels, 2, group,
+                                   config.min_train_masks, not quiet)
         val_s += prepare_samples(va, decoder, config.channels, 2, group, 1, not quiet)
         described.append({"source": str(src), "n_train": len(tr), "n_val": len(va)})
         click.echo(f"{src}: {len(tr)} training, {len(va)} validation images", err=True)
