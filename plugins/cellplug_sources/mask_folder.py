@@ -22,14 +22,23 @@ class MaskFolder:
         self.mask_suffix = mask_suffix
 
     def pairs(self, folder: Path) -> list[tuple[Path, Path]]:
-        files = {f.name: f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES}
+        """(image, labels) paths, sorted; the mask may have another extension (or case).
+
+        Hidden files (such as the temporary files of an interrupted write) are ignored.
+        """
+        files = {
+            f.name.lower(): f
+            for f in folder.iterdir()
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+        }
         out = []
         for f in sorted(files.values()):
             if f.stem.endswith(self.mask_suffix):
                 continue
-            for ext in IMAGE_SUFFIXES:
-                m = folder / f"{f.stem}{self.mask_suffix}{ext}"
-                if m.name in files:
+            # the image's own extension first, then the others in IMAGE_SUFFIXES order
+            for ext in (f.suffix.lower(), *IMAGE_SUFFIXES):
+                m = files.get(f"{f.stem}{self.mask_suffix}{ext}".lower())
+                if m is not None:
                     out.append((f, m))
                     break
         return out
@@ -42,4 +51,6 @@ class MaskFolder:
         if not pairs:
             raise InputError(location, f"no <stem>.tif + <stem>{self.mask_suffix}.tif pairs found")
         for img_path, mask_path in pairs:
-            yield Annotation(read_image(img_path), read_labels(mask_path), img_path.stem, str(img_path))
+            yield Annotation(
+                read_image(img_path), read_labels(mask_path), img_path.stem, str(img_path)
+            )
