@@ -43,7 +43,15 @@ def find_source(location: str | os.PathLike[str], name: str | None = None,
         return registry.get("source", name)
     for reg_name in registry.names("source"):
         source = registry.get("source", reg_name)
-        if source.detect(path):
+        try:
+            found = source.detect(path)
+        except Exception as exc:  # a plugin's bug: name it rather than crash with a traceback
+            plugin = registry.registrations("source")[reg_name].plugin
+            raise CellplugError(
+                f"{path}: annotation source {reg_name!r} (plugin {plugin!r}) failed to inspect "
+                f"it: {type(exc).__name__}: {exc}"
+            ) from exc
+        if found:
             return source
     kinds = ", ".join(registry.names("source")) or "none"
     raise CellplugError(f"{path}: no annotation source can read this (sources: {kinds})")

@@ -13,8 +13,10 @@ A plugin module implements any subset of these hooks with :data:`cellplug.hookim
     def register_backbones(register):
         register("my-unet", build_my_unet)
 
-pluggy checks at registration time that a hook implementation only asks for arguments the
-spec declares (here: ``register``); a plugin that gets this wrong is rejected and reported.
+Every implementation takes exactly one argument, ``register``. The plugin manager checks
+this when it registers a plugin, together with the hook names (a misspelt hook is an
+error, not a silently unused function); a plugin that gets either wrong is rejected and
+reported, and the other plugins keep working.
 """
 
 from __future__ import annotations

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import tifffile
 from cellplug_sources import plugin
 from cellplug_sources.mask_folder import MaskFolder
 
+from cellplug import hookimpl
 from cellplug.annotations import Annotation, find_source, read_annotations
 from cellplug.errors import CellplugError, InputError
 from cellplug.plugins import PluginRegistry
@@ -71,4 +74,20 @@ def test_shape_mismatch_names_the_file(tmp_path, registry):
     tifffile.imwrite(tmp_path / "x.tif", np.zeros((8, 8), np.uint8))
     tifffile.imwrite(tmp_path / "x_masks.tif", np.zeros((8, 9), np.uint16))
     with pytest.raises(CellplugError, match=r"x\.tif: labels \(8, 9\) do not match image"):
+        list(read_annotations(tmp_path, registry=registry))
+
+
+def test_a_source_that_raises_in_detect_is_named(tmp_path, registry):
+    class Faulty:
+        def detect(self, location):
+            raise OSError("permission denied")
+
+    @hookimpl
+    def register_annotation_sources(register):
+        register("aaa-faulty", Faulty())  # sorts first: asked before mask-folder
+
+    faulty = types.SimpleNamespace(register_annotation_sources=register_annotation_sources)
+    registry.add_module(faulty, "faulty")
+    with pytest.raises(CellplugError, match=r"annotation source 'aaa-faulty' \(plugin 'faulty'\) "
+                       "failed to inspect it: OSError: permission denied"):
         list(read_annotations(tmp_path, registry=registry))
