@@ -57,7 +57,9 @@ class TileGrid:
         ]
 
 
-def tile_grid(ly: int, lx: int, bsize: int = 224, overlap: float = 0.1, augment: bool = False) -> TileGrid:
+def tile_grid(
+    ly: int, lx: int, bsize: int = 224, overlap: float = 0.1, augment: bool = False
+) -> TileGrid:
     """Tile layout for an image of ``ly`` x ``lx`` pixels.
 
     Without augmentation the number of tiles per axis is ``ceil((1 + 2 * overlap) * L /
@@ -95,7 +97,8 @@ def cut_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
     """Cut (C, Y, X) into float32 (n_tiles, C, tile_y, tile_x) following ``grid``."""
     c = image.shape[0]
     if grid.flipped and (image.shape[1] < grid.ly or image.shape[2] < grid.lx):
-        image = np.pad(image, ((0, 0), (0, grid.ly - image.shape[1]), (0, grid.lx - image.shape[2])))
+        pad_y, pad_x = grid.ly - image.shape[1], grid.lx - image.shape[2]
+        image = np.pad(image, ((0, 0), (0, pad_y), (0, pad_x)))
     tiles = np.empty((grid.n_tiles, c, grid.tile_y, grid.tile_x), np.float32)
     for k, (j, i, y0, x0) in enumerate(grid.positions()):
         tile = image[:, y0 : y0 + grid.tile_y, x0 : x0 + grid.tile_x]
@@ -107,7 +110,9 @@ def cut_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
     return tiles
 
 
-def unflip_outputs(outputs: np.ndarray, grid: TileGrid, vector_channels: tuple[int, int] = (0, 1)) -> np.ndarray:
+def unflip_outputs(
+    outputs: np.ndarray, grid: TileGrid, vector_channels: tuple[int, int] = (0, 1)
+) -> np.ndarray:
     """Undo the mirroring of augmented tiles in network outputs (n_tiles, K, ty, tx).
 
     Mirroring along Y flips the sign of the Y flow channel, along X of the X flow channel.

@@ -98,7 +98,9 @@ def normalize_percentile(
         regular subsample, as Cellpose does.
     """
     if not 0 <= lower < upper <= 100:
-        raise CellplugError(f"invalid percentiles ({lower}, {upper}): need 0 <= lower < upper <= 100")
+        raise CellplugError(
+            f"invalid percentiles ({lower}, {upper}): need 0 <= lower < upper <= 100"
+        )
     out = np.array(image, dtype=np.float32, copy=True)
     for c in range(out.shape[0]):
         ch = out[c]
