@@ -182,7 +182,10 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             seconds = time.perf_counter() - t0
             written = _write_outputs(path, out_dir, image, result, save)
         except CellplugError as exc:
-            click.echo(f"error: {_one_line(exc)}", err=True)
+            msg = _one_line(exc)
+            if str(path) not in msg:  # e.g. a bad --channels for this image: say which one
+                msg = f"{path}: {msg}"
+            click.echo(f"error: {msg}", err=True)
             failed += 1
             continue
         summary.append({"image": str(path), "masks": str(written[0]), "objects": result.n_objects,
@@ -222,7 +225,7 @@ def _write_outputs(path: Path, out_dir: Path | None, image, result, save) -> lis
             try:
                 write(target)
             except OSError as exc:  # read-only folder, disk full...
-                raise CellplugError(f"{target}: cannot write ({exc.strerror or exc})") from None
+                raise CellplugError(f"cannot write {target} ({exc.strerror or exc})") from None
             written.append(target)
     except BaseException:
         for w in written:

@@ -196,6 +196,16 @@ def test_segment_good_and_bad_inputs(tmp_path, data_dir, random_model):
     assert _files(out) == ["good_masks.tif"]
 
 
+def test_segment_error_about_an_image_names_it(tmp_path, data_dir, random_model):
+    image = data_dir / "dsb2018_he.tif"  # RGB
+    out = tmp_path / "out"
+    result = run("segment", image, "--model", random_model, "--out", out, "--channels", "5", "0",
+                 code=1)
+    (line,) = errors(result)
+    assert line.startswith(f"error: {image}: ") and "5" in line
+    assert _files(out) == []
+
+
 def test_segment_write_failure_removes_partial_outputs(tmp_path, data_dir, random_model,
                                                         monkeypatch):
     def disk_full(path, rgb):
@@ -203,10 +213,12 @@ def test_segment_write_failure_removes_partial_outputs(tmp_path, data_dir, rando
 
     monkeypatch.setattr(io, "write_png", disk_full)
     out = tmp_path / "out"
-    result = run("segment", data_dir / "dsb2018_fluo.tif", "--model", random_model, "--out", out,
+    image = data_dir / "dsb2018_fluo.tif"
+    result = run("segment", image, "--model", random_model, "--out", out,
                  "--save", "overlay", "--diameter", "17", "--threads", "1", code=1)
     assert errors(result) == [
-        f"error: {out / 'dsb2018_fluo_overlay.png'}: cannot write (No space left on device)"
+        f"error: {image}: cannot write {out / 'dsb2018_fluo_overlay.png'} "
+        "(No space left on device)"
     ]
     assert _files(out) == []
 
