@@ -308,8 +308,7 @@ def test_segment_bad_options(tmp_path, random_model):
 def test_train_without_annotations_is_a_clear_error(tmp_path):
     (tmp_path / "lonely.tif").write_bytes(b"")
     result = run("train", tmp_path, "--out", tmp_path / "model.pth", "-q", code=1)
-    assert errors(result) == [
-        f"error: {tmp_path}: no annotation source can read this "
-        "(sources: example-npz, mask-folder)"
-    ]
+    (line,) = errors(result)
+    assert line.startswith(f"error: {tmp_path}: no annotation source can read this (sources: ")
+    assert "mask-folder" in line
     assert _files(tmp_path) == ["lonely.tif"]
