@@ -327,5 +327,141 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
     click.echo(f"saved {result.model_path}")
 
 
+# -- eval --------------------------------------------------------------------------------
+def _eval_inputs(inputs: tuple[Path, ...], suffix: str) -> list[tuple[str, Path, bool]]:
+    """(stem, path, is_prediction) for every input; a folder holding only ``*<suffix>``
+    label files is a folder of predictions, otherwise its images are segmented."""
+    from . import io
+    from .errors import InputError
+
+    out = []
+    for item in inputs:
+        if item.is_dir():
+            files = sorted(f for f in item.iterdir() if f.is_file() and io.is_image_path(f)
+                           and not f.name.startswith("."))
+            images = [f for f in files if not f.stem.endswith(suffix)]
+            if images:
+                out += [(f.stem, f, False) for f in io.list_images([item])]
+            else:
+                preds = [f for f in files if f.stem.endswith(suffix)]
+                if not preds:
+                    raise InputError(item, "no images or label files")
+                out += [(f.stem[: -len(suffix)], f, True) for f in preds]
+        elif not item.exists():
+            raise InputError(item, "no such file")
+        elif item.stem.endswith(suffix):
+            out.append((item.stem[: -len(suffix)], item, True))
+        else:
+            out.append((item.stem, item, False))
+    return out
+
+
+def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
+    from .io import IMAGE_SUFFIXES
+
+    for ext in IMAGE_SUFFIXES:
+        for e in (ext, ext.upper()):
+            p = gt_dir / f"{stem}{suffix}{e}"
+            if p.exists():
+                return p
+    return None
+
+
+@main.command("eval")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--masks", "gt_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of ground-truth label images <stem>_masks.tif.")
+@click.option("--model", "model_ref", default=None,
+              help="Model for inputs that are images (default: generalist).")
+@click.option("--diameter", type=float, default=0.0, show_default=True,
+              help="Diameter for images to segment; 0 = size model.")
+@click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True)
+@click.option("--stems", "stems_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Only evaluate the stems listed in this file (one per line).")
+@click.option("--group-by", default=None, metavar="CSV:COLUMN",
+              help="Also report per group, e.g. metadata.csv:modality (needs a 'stem' column).")
+@click.option("--mask-suffix", default="_masks", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report: .csv (per image + summary rows) or .json.")
+@click.option("--threads", type=int, default=None)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diameter: float,
+             channels: tuple[int, int], stems_file: Path | None, group_by: str | None,
+             mask_suffix: str, out_path: Path | None, threads: int | None, quiet: bool) -> None:
+    """Score predictions (or segment images, then score) against ground-truth masks.
+
+    Reports AP at IoU 0.50...0.95 (TP / (TP + FP + FN)), precision, recall and F1 at 0.5, per
+    image, per group and overall (mean of per-image scores, and pooled counts).
+    """
+    from tqdm import tqdm
+
+    from . import io
+    from .evaluate import EvalReport, read_groups
+
+    items = _eval_inputs(inputs, mask_suffix)
+    if stems_file is not None:
+        keep = set(stems_file.read_text().split())
+        items = [it for it in items if it[0] in keep]
+    if not items:
+        raise CellplugError("nothing to evaluate (no inputs left after --stems)")
+    try:
+        groups = read_groups(group_by) if group_by else {}
+    except (OSError, ValueError) as exc:
+        raise CellplugError(f"--group-by: {exc}") from None
+    segmenter = None
+    if not all(is_pred for _, _, is_pred in items):
+        from .segmenter import Segmenter, SegmentOptions
+
+        segmenter = Segmenter.from_model(model_ref, threads=threads)
+        opts = SegmentOptions(diameter=diameter, channels=_channels(channels))
+    from .metrics import DEFAULT_THRESHOLDS
+
+    report = EvalReport(DEFAULT_THRESHOLDS)
+    failed = 0
+    for stem, path, is_pred in tqdm(items, desc="evaluating", unit="image", disable=quiet):
+        truth = _find_truth(gt_dir, stem, mask_suffix)
+        if truth is None:
+            click.echo(f"error: {path}: no ground truth {stem}{mask_suffix}.* in {gt_dir}",
+                       err=True)
+            failed += 1
+            continue
+        try:
+            gt = io.read_labels(truth)
+            if is_pred:
+                pred = io.read_labels(path)
+            else:
+                assert segmenter is not None
+                pred = segmenter.segment(io.read_image(path), opts).labels
+            if pred.shape != gt.shape:
+                raise CellplugError(
+                    f"{path}: shape {pred.shape} differs from ground truth {gt.shape}"
+                )
+        except CellplugError as exc:
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            failed += 1
+            continue
+        report.add(stem, gt, pred, groups.get(stem, ""))
+    if not report.rows:
+        raise CellplugError("no image could be evaluated")
+    doc = report.to_dict()
+    rows = [("overall", doc["overall"])] + [(f"  {g}", v) for g, v in doc["groups"].items()]
+    click.echo(f"{'':<24} {'images':>6} {'AP@0.50':>8} {'AP@0.75':>8} {'AP@0.90':>8} "
+               f"{'prec':>6} {'recall':>6} {'F1':>6}")
+    for name, v in rows:
+        m = v["mean_ap"]
+        click.echo(f"{name:<24} {v['n_images']:>6} {m['0.50']:>8.3f} {m['0.75']:>8.3f} "
+                   f"{m['0.90']:>8.3f} {v['precision@0.50']:>6.3f} {v['recall@0.50']:>6.3f} "
+                   f"{v['f1@0.50']:>6.3f}")
+    if out_path is not None:
+        if out_path.suffix.lower() == ".csv":
+            report.write_csv(out_path)
+        else:
+            io.write_json(out_path, doc)
+        click.echo(f"report: {out_path}", err=True)
+    if failed:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -26,13 +26,27 @@ class EvalReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
     _counts: dict[str, MatchCounts] = field(default_factory=dict, repr=False)
 
-    def add(self, stem: str, true: np.ndarray, pred: np.ndarray, group: str = "", **extra: Any) -> dict[str, Any]:
+    def add(
+        self, stem: str, true: np.ndarray, pred: np.ndarray, group: str = "", **extra: Any
+    ) -> dict[str, Any]:
         mc = match_counts(true, pred, self.thresholds)
-        row: dict[str, Any] = {"image": stem, "group": group, **extra,
-                               "n_true": int(mc.tp[0] + mc.fn[0]), "n_pred": int(mc.tp[0] + mc.fp[0])}
-        row.update({f"ap@{t:.2f}": round(float(a), 4) for t, a in zip(self.thresholds, mc.ap, strict=True)})
-        row.update({"precision@0.50": round(float(mc.precision[0]), 4),
-                    "recall@0.50": round(float(mc.recall[0]), 4), "f1@0.50": round(float(mc.f1[0]), 4)})
+        row: dict[str, Any] = {
+            "image": stem,
+            "group": group,
+            **extra,
+            "n_true": int(mc.tp[0] + mc.fn[0]),
+            "n_pred": int(mc.tp[0] + mc.fp[0]),
+        }
+        row.update(
+            {f"ap@{t:.2f}": round(float(a), 4) for t, a in zip(self.thresholds, mc.ap, strict=True)}
+        )
+        row.update(
+            {
+                "precision@0.50": round(float(mc.precision[0]), 4),
+                "recall@0.50": round(float(mc.recall[0]), 4),
+                "f1@0.50": round(float(mc.f1[0]), 4),
+            }
+        )
         self.rows.append(row)
         for key in ("all", f"group:{group}" if group else None):
             if key:
@@ -48,9 +62,13 @@ class EvalReport:
             "n_true": int(mc.tp[0] + mc.fn[0]),
             "n_pred": int(mc.tp[0] + mc.fp[0]),
             f"mean_ap@{t0:.2f}": round(float(np.mean([r[f"ap@{t0:.2f}"] for r in rows])), 4),
-            "mean_ap": {f"{t:.2f}": round(float(np.mean([r[f"ap@{t:.2f}"] for r in rows])), 4)
-                        for t in self.thresholds},
-            "pooled_ap": {f"{t:.2f}": round(float(a), 4) for t, a in zip(self.thresholds, mc.ap, strict=True)},
+            "mean_ap": {
+                f"{t:.2f}": round(float(np.mean([r[f"ap@{t:.2f}"] for r in rows])), 4)
+                for t in self.thresholds
+            },
+            "pooled_ap": {
+                f"{t:.2f}": round(float(a), 4) for t, a in zip(self.thresholds, mc.ap, strict=True)
+            },
             "precision@0.50": round(float(mc.precision[0]), 4),
             "recall@0.50": round(float(mc.recall[0]), 4),
             "f1@0.50": round(float(mc.f1[0]), 4),

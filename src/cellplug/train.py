@@ -30,7 +30,7 @@ from .annotations import Annotation
 from .errors import CellplugError
 from .models import ModelInfo, SizeModel, build_network, save_model
 from .plugins import PluginRegistry, get_registry
-from .segmenter import SegmentOptions, Segmenter, median_diameter
+from .segmenter import Segmenter, SegmentOptions, median_diameter
 
 log = logging.getLogger("cellplug.train")
 
@@ -78,29 +78,49 @@ class Sample:
 
 
 def prepare_samples(
-    annotations: Sequence[Annotation], decoder: Any, channels: Sequence[int], n_channels: int,
-    group: str = "", min_masks: int = 0, progress: bool = False,
+    annotations: Sequence[Annotation],
+    decoder: Any,
+    channels: Sequence[int],
+    n_channels: int,
+    group: str = "",
+    min_masks: int = 0,
+    progress: bool = False,
 ) -> list[Sample]:
     """Normalise images and compute targets and diameters (objects < ``min_masks`` skipped)."""
     from tqdm import tqdm
 
     out = []
-    for ann in tqdm(annotations, desc=f"preparing {group or 'images'}", disable=not progress, leave=False):
+    for ann in tqdm(
+        annotations, desc=f"preparing {group or 'images'}", disable=not progress, leave=False
+    ):
         labels = np.asarray(ann.labels).astype(np.int32)
         n_obj = np.unique(labels[labels > 0]).size
         if n_obj < min_masks:
             continue
         x = transforms.prepare_image(ann.image, channels, n_channels)
         out.append(
-            Sample(x, decoder.targets(labels), labels, max(5.0, median_diameter(labels)),
-                   ann.stem, ann.source, group)
+            Sample(
+                x,
+                decoder.targets(labels),
+                labels,
+                max(5.0, median_diameter(labels)),
+                ann.stem,
+                ann.source,
+                group,
+            )
         )
     return out
 
 
 def random_patch(
-    sample: Sample, rng: np.random.Generator, patch: int, diam_mean: float, scale_range: float,
-    decoder: Any, rescale: bool = True, with_targets: bool = True,
+    sample: Sample,
+    rng: np.random.Generator,
+    patch: int,
+    diam_mean: float,
+    scale_range: float,
+    decoder: Any,
+    rescale: bool = True,
+    with_targets: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """One augmented patch: flip, rotate, scale objects to ``diam_mean`` (x random factor), crop.
 
@@ -112,7 +132,9 @@ def random_patch(
     scale = (1 - scale_range / 2) + scale_range * rng.random()
     if rescale:
         scale *= diam_mean / sample.diameter
-    shift = (rng.random(2) - 0.5) * np.maximum(0, np.array([ly * scale - patch, lx * scale - patch]))
+    shift = (rng.random(2) - 0.5) * np.maximum(
+        0, np.array([ly * scale - patch, lx * scale - patch])
+    )
     x, t = sample.x, sample.targets
     vec = getattr(decoder, "vector_channels", ())
     if flip:
@@ -130,12 +152,21 @@ def random_patch(
     xo = np.empty((c, patch, patch), np.float32)
     to = np.empty((t.shape[0], patch, patch), np.float32)
     for k in range(c):
-        ndimage.affine_transform(x[k], matrix, offset, (patch, patch), output=xo[k], order=1, mode="constant")
+        ndimage.affine_transform(
+            x[k], matrix, offset, (patch, patch), output=xo[k], order=1, mode="constant"
+        )
     if not with_targets:
         return xo, None, scale
     for k in range(t.shape[0]):
-        ndimage.affine_transform(t[k], matrix, offset, (patch, patch), output=to[k],
-                                 order=0 if interp[k] == "nearest" else 1, mode="constant")
+        ndimage.affine_transform(
+            t[k],
+            matrix,
+            offset,
+            (patch, patch),
+            output=to[k],
+            order=0 if interp[k] == "nearest" else 1,
+            mode="constant",
+        )
     if vec:
         vy, vx = to[vec[0]].copy(), to[vec[1]].copy()
         # rotate vectors with the image: (y, x) -> (sin * x + cos * y, cos * x - sin * y)
@@ -191,7 +222,9 @@ def _set_lr(opt: Any, lr: float) -> None:
 
 
 def evaluate(
-    segmenter: Segmenter, samples: Sequence[Sample], true_diameter: bool = True,
+    segmenter: Segmenter,
+    samples: Sequence[Sample],
+    true_diameter: bool = True,
     opts: SegmentOptions | None = None,
 ) -> dict[str, Any]:
     """AP at IoU 0.5..0.95 (summed counts and mean per-image AP@0.5) on prepared samples.
@@ -205,14 +238,19 @@ def evaluate(
     for s in samples:
         d = s.diameter if true_diameter else 0.0
         img = np.moveaxis(s.x, 0, -1)  # already normalised: normalising again is a no-op
-        seg = segmenter.segment(img, opts, diameter=d, channels=(1, 2) if img.shape[2] > 1 else (0, 0))
+        seg = segmenter.segment(
+            img, opts, diameter=d, channels=(1, 2) if img.shape[2] > 1 else (0, 0)
+        )
         mc = metrics.match_counts(s.labels, seg.labels)
         total = mc if total is None else total + mc
         per_image.append(float(mc.ap[0]))
     if total is None:
         return {}
-    return {"ap50_mean": float(np.mean(per_image)), "ap": total.ap.round(4).tolist(),
-            "ap50_pooled": float(total.ap[0])}
+    return {
+        "ap50_mean": float(np.mean(per_image)),
+        "ap": total.ap.round(4).tolist(),
+        "ap50_pooled": float(total.ap[0]),
+    }
 
 
 def train(
@@ -257,8 +295,12 @@ def train(
         net.diam_mean.fill_(diam_mean)
         net.diam_labels.fill_(diam_labels)
     net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    sched = lr_schedule(config.epochs, config.learning_rate, config.warmup_epochs, config.decay_fraction)
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    sched = lr_schedule(
+        config.epochs, config.learning_rate, config.warmup_epochs, config.decay_fraction
+    )
     probs = sampling_probabilities(train_samples, config.sampling)
     n_per_epoch = config.images_per_epoch or len(train_samples)
     history: list[dict[str, Any]] = []
@@ -268,16 +310,30 @@ def train(
         if ckpt_path is None or not ckpt_path.exists():
             raise CellplugError(f"{ckpt_path}: no checkpoint to resume from")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
+        net.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        )
         if "optimizer" in ckpt:
             opt.load_state_dict(ckpt["optimizer"])
         start_epoch = int(ckpt["epoch"]) + 1
-        history = json.loads(ckpt_path.with_suffix(".json").read_text())["history"] if ckpt_path.with_suffix(".json").exists() else []
+        history = (
+            json.loads(ckpt_path.with_suffix(".json").read_text())["history"]
+            if ckpt_path.with_suffix(".json").exists()
+            else []
+        )
         say(f"resumed from {ckpt_path} at epoch {start_epoch}")
 
     def make_segmenter() -> Segmenter:
-        info = ModelInfo("training", out_path, {"diam_mean": diam_mean, "diam_labels": diam_labels,
-                                                "n_channels": 2, "decoder": config.decoder})
+        info = ModelInfo(
+            "training",
+            out_path,
+            {
+                "diam_mean": diam_mean,
+                "diam_labels": diam_labels,
+                "n_channels": 2,
+                "decoder": config.decoder,
+            },
+        )
         recon = registry.get("reconstructor", "cellpose-dynamics")
         return Segmenter(info, net, decoder, recon)
 
@@ -285,16 +341,31 @@ def train(
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100003 + epoch)
-        order = rng.choice(len(train_samples), size=n_per_epoch, replace=probs is not None, p=probs) \
-            if probs is not None else rng.permutation(len(train_samples))[:n_per_epoch]
+        order = (
+            rng.choice(len(train_samples), size=n_per_epoch, replace=probs is not None, p=probs)
+            if probs is not None
+            else rng.permutation(len(train_samples))[:n_per_epoch]
+        )
         _set_lr(opt, float(sched[epoch]))
         net.train()
         losses = []
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(
+            range(0, len(order), config.batch_size),
+            desc=f"epoch {epoch}",
+            disable=not progress,
+            leave=False,
+        )
         for b in bar:
             idx = order[b : b + config.batch_size]
-            xs, ts = zip(*[random_patch(train_samples[i], rng, config.patch, diam_mean,
-                                        config.scale_range, decoder)[:2] for i in idx], strict=True)
+            xs, ts = zip(
+                *[
+                    random_patch(
+                        train_samples[i], rng, config.patch, diam_mean, config.scale_range, decoder
+                    )[:2]
+                    for i in idx
+                ],
+                strict=True,
+            )
             x = torch.from_numpy(np.stack(xs)).contiguous(memory_format=torch.channels_last)
             t = torch.from_numpy(np.stack(ts))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
@@ -305,8 +376,12 @@ def train(
             opt.step()
             losses.append(float(loss.item()))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        record: dict[str, Any] = {"epoch": epoch, "lr": float(sched[epoch]), "loss": float(np.mean(losses)),
-                                  "seconds": round(time.time() - t_start, 1)}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": float(sched[epoch]),
+            "loss": float(np.mean(losses)),
+            "seconds": round(time.time() - t_start, 1),
+        }
         last = epoch == config.epochs - 1
         if val_samples and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
             net.eval()
@@ -318,9 +393,13 @@ def train(
         if ckpt_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp)
+            torch.save(
+                {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp
+            )
             tmp.replace(ckpt_path)
-            ckpt_path.with_suffix(".json").write_text(json.dumps({"epoch": epoch, "history": history}))
+            ckpt_path.with_suffix(".json").write_text(
+                json.dumps({"epoch": epoch, "history": history})
+            )
             record["checkpoint"] = str(ckpt_path)
         say(json.dumps(record))
 
@@ -342,7 +421,9 @@ def train(
         "style_centroid": centroid.tolist(),
         "base_model": base_model.name if base_model else None,
         "training": {
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+            "config": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
+            },
             "data": data_description or {},
             "n_train": len(train_samples),
             "n_val": len(val_samples),
@@ -356,8 +437,12 @@ def train(
     return TrainResult(path, history)
 
 
-def _styles_of_patches(net: Any, samples: Sequence[Sample], config: TrainConfig, diam_mean: float,
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def _styles_of_patches(
+    net: Any,
+    samples: Sequence[Sample],
+    config: TrainConfig,
+    diam_mean: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Styles of randomly scaled crops and their log-diameter targets (Cellpose's recipe)."""
     import torch
 
@@ -366,8 +451,9 @@ def _styles_of_patches(net: Any, samples: Sequence[Sample], config: TrainConfig,
         rng = np.random.default_rng([config.seed, 7919, epoch])
         for i in rng.permutation(len(samples)):
             s = samples[i]
-            x, _, scale = random_patch(s, rng, config.size_patch, diam_mean, 1.0, None,
-                                       rescale=False, with_targets=False)
+            x, _, scale = random_patch(
+                s, rng, config.size_patch, diam_mean, 1.0, None, rescale=False, with_targets=False
+            )
             with torch.inference_mode():
                 _, st = net(torch.from_numpy(x[None]))
             styles.append(st[0].float().numpy())
@@ -375,8 +461,9 @@ def _styles_of_patches(net: Any, samples: Sequence[Sample], config: TrainConfig,
     return np.asarray(styles, np.float64), np.asarray(targets, np.float64)
 
 
-def fit_size_model(net: Any, samples: Sequence[Sample], diam_mean: float, config: TrainConfig,
-                   l2: float = 1.0) -> SizeModel:
+def fit_size_model(
+    net: Any, samples: Sequence[Sample], diam_mean: float, config: TrainConfig, l2: float = 1.0
+) -> SizeModel:
     """Ridge regression from style to log diameter, on random crops of the training images."""
     styles, y = _styles_of_patches(net, samples, config, diam_mean)
     smean = styles.mean(axis=0)
@@ -402,8 +489,14 @@ def style_centroid(net: Any, samples: Sequence[Sample]) -> np.ndarray:
     return (c / np.linalg.norm(c)).astype(np.float32)
 
 
-def fixed_batch_loss(net: Any, samples: Sequence[Sample], decoder: Any, config: TrainConfig,
-                     seed: int = 12345, batch_norm_batch_stats: bool = True) -> float:
+def fixed_batch_loss(
+    net: Any,
+    samples: Sequence[Sample],
+    decoder: Any,
+    config: TrainConfig,
+    seed: int = 12345,
+    batch_norm_batch_stats: bool = True,
+) -> float:
     """The decoder loss on one reproducible batch of augmented patches (no weight update).
 
     With ``batch_norm_batch_stats`` the network normalises with the batch's own statistics
@@ -414,8 +507,15 @@ def fixed_batch_loss(net: Any, samples: Sequence[Sample], decoder: Any, config: 
     import torch
 
     rng = np.random.default_rng(seed)
-    xs, ts = zip(*[random_patch(s, rng, config.patch, float(net.diam_mean.item()), config.scale_range,
-                                decoder)[:2] for s in samples], strict=True)
+    xs, ts = zip(
+        *[
+            random_patch(
+                s, rng, config.patch, float(net.diam_mean.item()), config.scale_range, decoder
+            )[:2]
+            for s in samples
+        ],
+        strict=True,
+    )
     model = copy.deepcopy(net)
     model.train(batch_norm_batch_stats)
     with torch.no_grad():

@@ -26,7 +26,9 @@ from cellplug.train import (
 def samples(data_dir):
     decoder = get_registry().get("decoder", "cellpose-flows")
     anns = [
-        Annotation(tifffile.imread(data_dir / f"{s}.tif"), tifffile.imread(data_dir / f"{s}_masks.tif"), s)
+        Annotation(
+            tifffile.imread(data_dir / f"{s}.tif"), tifffile.imread(data_dir / f"{s}_masks.tif"), s
+        )
         for s in ("dsb2018_fluo", "dsb2018_he")
     ]
     return prepare_samples(anns, decoder, (0, 0), 2, group="test")
@@ -36,12 +38,24 @@ def test_fine_tune_lowers_loss_and_saves_a_model_that_segments(samples, random_m
     registry = get_registry()
     decoder = registry.get("decoder", "cellpose-flows")
     base = resolve_model(str(random_model))
-    config = TrainConfig(epochs=12, batch_size=2, patch=64, learning_rate=0.005, warmup_epochs=2,
-                         eval_every=0, size_epochs=1, size_patch=64, seed=3, threads=1)
+    config = TrainConfig(
+        epochs=12,
+        batch_size=2,
+        patch=64,
+        learning_rate=0.005,
+        warmup_epochs=2,
+        eval_every=0,
+        size_epochs=1,
+        size_patch=64,
+        seed=3,
+        threads=1,
+    )
     from cellplug.models import build_network
 
     before = fixed_batch_loss(build_network(base), samples, decoder, config)
-    result = train(samples, samples[:1], tmp_path / "tuned.pth", config, base_model=base, progress=False)
+    result = train(
+        samples, samples[:1], tmp_path / "tuned.pth", config, base_model=base, progress=False
+    )
     tuned = resolve_model(str(result.model_path))
     after = fixed_batch_loss(build_network(tuned), samples, decoder, config)
     assert after < 0.9 * before, (before, after)
@@ -61,8 +75,18 @@ def test_fine_tune_lowers_loss_and_saves_a_model_that_segments(samples, random_m
 
 
 def test_training_is_deterministic_with_a_seed(samples, tmp_path):
-    config = TrainConfig(epochs=2, batch_size=2, patch=48, warmup_epochs=1, eval_every=0,
-                         size_epochs=1, size_patch=48, seed=7, threads=1, diam_mean=17.0)
+    config = TrainConfig(
+        epochs=2,
+        batch_size=2,
+        patch=48,
+        warmup_epochs=1,
+        eval_every=0,
+        size_epochs=1,
+        size_patch=48,
+        seed=7,
+        threads=1,
+        diam_mean=17.0,
+    )
     a = train(samples, [], tmp_path / "a.pth", config, progress=False)
     b = train(samples, [], tmp_path / "b.pth", config, progress=False)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
@@ -71,8 +95,18 @@ def test_training_is_deterministic_with_a_seed(samples, tmp_path):
 
 
 def test_resume_continues_the_same_run(samples, tmp_path):
-    config = TrainConfig(epochs=4, batch_size=2, patch=48, warmup_epochs=1, eval_every=0,
-                         checkpoint_every=2, size_epochs=1, size_patch=48, seed=5, threads=1)
+    config = TrainConfig(
+        epochs=4,
+        batch_size=2,
+        patch=48,
+        warmup_epochs=1,
+        eval_every=0,
+        checkpoint_every=2,
+        size_epochs=1,
+        size_patch=48,
+        seed=5,
+        threads=1,
+    )
     full = train(samples, [], tmp_path / "full.pth", config, progress=False)
     ck = tmp_path / "ck"
 
@@ -88,9 +122,25 @@ def test_resume_continues_the_same_run(samples, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(samples, [], tmp_path / "x.pth", config, checkpoint_dir=ck, progress=False, log_fn=log_and_stop)
-    resumed = train(samples, [], tmp_path / "resumed.pth", config, checkpoint_dir=ck, resume=True,
-                      progress=False, log_fn=lambda m: None)
+        train(
+            samples,
+            [],
+            tmp_path / "x.pth",
+            config,
+            checkpoint_dir=ck,
+            progress=False,
+            log_fn=log_and_stop,
+        )
+    resumed = train(
+        samples,
+        [],
+        tmp_path / "resumed.pth",
+        config,
+        checkpoint_dir=ck,
+        resume=True,
+        progress=False,
+        log_fn=lambda m: None,
+    )
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history])
 
 
@@ -105,8 +155,14 @@ def test_random_patch_rotates_flows_with_the_image(samples):
         vector_channels = decoder.vector_channels
         target_interpolation = (*decoder.target_interpolation, "nearest")
 
-    s2 = type(s)(s.x, np.concatenate([s.targets, s.labels[None].astype(np.float32)]), s.labels,
-                 s.diameter, s.stem, s.source)
+    s2 = type(s)(
+        s.x,
+        np.concatenate([s.targets, s.labels[None].astype(np.float32)]),
+        s.labels,
+        s.diameter,
+        s.stem,
+        s.source,
+    )
     rng = np.random.default_rng(0)
     cos = []
     for _ in range(6):

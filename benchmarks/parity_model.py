@@ -1,0 +1,142 @@
+"""The bundled model under cellplug and under Cellpose 3.1.1.2: same weights, same AP.
+
+Segments the validation split of the generalist (training/generalist/val_stems.txt, images
+never trained on) with no diameter given (each side uses its size model), once with cellplug
+and once with Cellpose 3.1.1.2 loading the very same ``.pth`` and a ``_size.npy`` written from
+our metadata. Reports AP@0.5 per image type for both and fails if any differs by more than
+0.01. Run by ``nox -s parity``; needs ../shared/data (or $CELLPLUG_DATA).
+
+    python benchmarks/parity_model.py [MODEL_PTH] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CELLPLUG_DATA", ROOT.parent / "shared" / "data"))
+RESULTS = ROOT / "benchmarks" / "results"
+TOLERANCE = 0.01
+
+
+def validation_images(limit: int | None) -> list[tuple[Path, Path, str]]:
+    stems = set((ROOT / "training" / "generalist" / "val_stems.txt").read_text().split())
+    out = []
+    for folder in ("dsb2018", "usiigaci_phc"):
+        with open(DATA / folder / "metadata.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["stem"] in stems:
+                    out.append(
+                        (
+                            DATA / folder / f"{row['stem']}.tif",
+                            DATA / folder / f"{row['stem']}_masks.tif",
+                            row["modality"],
+                        )
+                    )
+    if limit:  # keep every group represented
+        by: dict[str, list] = {}
+        for item in out:
+            by.setdefault(item[2], []).append(item)
+        out = [x for items in by.values() for x in items[: max(1, limit * len(items) // len(out))]]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "model", nargs="?", default=None, help="model .pth (default: bundled generalist)"
+    )
+    ap.add_argument("--limit", type=int, default=None, help="subsample the split (quick check)")
+    args = ap.parse_args()
+    if not (DATA / "dsb2018").is_dir():
+        print(f"parity_model: skipped, no data at {DATA}")
+        return 0
+
+    from cellpose import models as cp_models
+
+    from cellplug.io import read_image
+    from cellplug.metrics import match_counts
+    from cellplug.models import resolve_model
+    from cellplug.segmenter import Segmenter
+
+    info = resolve_model(args.model)
+    if info.size_model is None:
+        print(f"{info.weights}: model has no size model", file=sys.stderr)
+        return 1
+    ours = Segmenter.from_model(str(info.weights))
+    tmp = Path(tempfile.mkdtemp())
+    size_path = tmp / "size.npy"
+    sm = info.size_model
+    np.save(size_path, {"A": sm.A, "smean": sm.smean, "ymean": sm.ymean, "diam_mean": sm.diam_mean})
+    cp = cp_models.CellposeModel(pretrained_model=str(info.weights), gpu=False)
+    cp_size = cp_models.SizeModel(cp, pretrained_size=str(size_path))
+
+    images = validation_images(args.limit)
+    rows = []
+    for img_path, gt_path, group in images:
+        image = read_image(img_path)
+        gt = tifffile.imread(gt_path)
+        t0 = time.perf_counter()
+        mine = ours.segment(image, diameter=0)
+        t1 = time.perf_counter()
+        diam = float(np.asarray(cp_size.eval(image, channels=[0, 0])[0]))
+        theirs = cp.eval(image, channels=[0, 0], diameter=diam)[0]
+        t2 = time.perf_counter()
+        row = {
+            "image": img_path.stem,
+            "group": group,
+            "ap50_cellplug": float(match_counts(gt, mine.labels, [0.5]).ap[0]),
+            "ap50_cellpose": float(match_counts(gt, theirs.astype(np.int64), [0.5]).ap[0]),
+            "diam_cellplug": round(mine.diameter, 2),
+            "diam_cellpose": round(diam, 2),
+            "s_cellplug": round(t1 - t0, 2),
+            "s_cellpose": round(t2 - t1, 2),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    summary = {}
+    ok = True
+    groups = sorted({r["group"] for r in rows})
+    dsb = [g for g in groups if g != "phase_contrast"]
+    sets = {g: [g] for g in groups} | {"dsb2018 (all)": dsb, "usiigaci_phc": ["phase_contrast"]}
+    print(f"\n{'group':<20} {'n':>3} {'AP50 cellplug':>14} {'AP50 cellpose':>14} {'diff':>7}")
+    for name, members in sets.items():
+        sel = [r for r in rows if r["group"] in members]
+        if not sel:
+            continue
+        a = float(np.mean([r["ap50_cellplug"] for r in sel]))
+        b = float(np.mean([r["ap50_cellpose"] for r in sel]))
+        summary[name] = {
+            "n": len(sel),
+            "ap50_cellplug": round(a, 4),
+            "ap50_cellpose": round(b, 4),
+            "diff": round(a - b, 4),
+        }
+        ok &= abs(a - b) <= TOLERANCE
+        print(f"{name:<20} {len(sel):>3} {a:>14.4f} {b:>14.4f} {a - b:>+7.4f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {
+        "model": str(info.weights),
+        "tolerance": TOLERANCE,
+        "passed": bool(ok),
+        "summary": summary,
+        "images": rows,
+    }
+    (RESULTS / "parity_model.json").write_text(json.dumps(out, indent=2) + "\n")
+    print("PASS" if ok else "FAIL", f"(|diff| <= {TOLERANCE} per group)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""`cellplug eval`: scoring predictions or a model against ground truth."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import tifffile
+from click.testing import CliRunner
+
+from cellplug.cli import main
+
+
+def _predictions(tmp_path, data_dir, drop_one: bool = False):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for stem in ("dsb2018_fluo", "dsb2018_he"):
+        m = tifffile.imread(data_dir / f"{stem}_masks.tif")
+        if drop_one and stem == "dsb2018_fluo":
+            m = np.where(m == 1, 0, m).astype(m.dtype)  # one object missed
+        tifffile.imwrite(pred / f"{stem}_masks.tif", m)
+    return pred
+
+
+def test_eval_predictions_perfect_and_with_a_missed_object(tmp_path, data_dir):
+    runner = CliRunner()
+    perfect = runner.invoke(
+        main,
+        [
+            "eval",
+            str(_predictions(tmp_path, data_dir)),
+            "--masks",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "r.json"),
+            "-q",
+        ],
+    )
+    assert perfect.exit_code == 0, perfect.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["overall"]["mean_ap"]["0.50"] == 1.0 and doc["overall"]["n_images"] == 2
+
+    other = tmp_path / "b"
+    other.mkdir()
+    r = runner.invoke(
+        main,
+        [
+            "eval",
+            str(_predictions(other, data_dir, drop_one=True)),
+            "--masks",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "r.csv"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rows = {row["image"]: row for row in csv.DictReader(open(tmp_path / "r.csv"))}
+    n = int(rows["dsb2018_fluo"]["n_true"])
+    assert float(rows["dsb2018_fluo"]["ap@0.50"]) == round((n - 1) / n, 4)  # TP/(TP+FN)
+    assert float(rows["dsb2018_he"]["ap@0.50"]) == 1.0
+    assert float(rows["dsb2018_fluo"]["recall@0.50"]) < 1.0
+    assert float(rows["dsb2018_fluo"]["precision@0.50"]) == 1.0
+    assert "overall" in rows
+
+
+def test_eval_groups_and_stems(tmp_path, data_dir):
+    meta = tmp_path / "meta.csv"
+    meta.write_text("stem,kind\ndsb2018_fluo,fluo\ndsb2018_he,he\n")
+    stems = tmp_path / "stems.txt"
+    stems.write_text("dsb2018_he\n")
+    pred = _predictions(tmp_path, data_dir)
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(pred),
+            "--masks",
+            str(data_dir),
+            "--group-by",
+            f"{meta}:kind",
+            "--out",
+            str(tmp_path / "g.json"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert set(doc["groups"]) == {"fluo", "he"}
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(pred),
+            "--masks",
+            str(data_dir),
+            "--stems",
+            str(stems),
+            "--out",
+            str(tmp_path / "s.json"),
+            "-q",
+        ],
+    )
+    assert json.loads((tmp_path / "s.json").read_text())["overall"]["n_images"] == 1
+
+
+def test_eval_segments_images_with_a_model(tmp_path, data_dir, random_model):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    (img_dir / "dsb2018_fluo.tif").write_bytes((data_dir / "dsb2018_fluo.tif").read_bytes())
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(img_dir),
+            "--masks",
+            str(data_dir),
+            "--model",
+            str(random_model),
+            "--diameter",
+            "17",
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "overall" in r.output
+
+
+def test_eval_missing_ground_truth_is_an_error(tmp_path, data_dir):
+    pred = tmp_path / "p"
+    pred.mkdir()
+    tifffile.imwrite(pred / "nothere_masks.tif", np.ones((8, 8), np.uint16))
+    r = CliRunner().invoke(main, ["eval", str(pred), "--masks", str(data_dir), "-q"])
+    assert r.exit_code == 1
+    assert "nothere" in r.output and "ground truth" in r.output
