@@ -149,7 +149,10 @@ def forward_batches(
             x = x.contiguous(memory_format=torch.channels_last)
             raw, style = net(x)
             raws.append(raw.float().contiguous().numpy())
-            styles.append(style.float().numpy())
+            style = style.float()
+            if bf16:  # normalised in bfloat16 inside the net; renormalise in float32
+                style = style / torch.sqrt((style**2).sum(dim=1, keepdim=True))
+            styles.append(style.numpy())
     return np.concatenate(raws), np.concatenate(styles)
 
 
