@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_every: int = 5
     bf16: bool = False  # bfloat16 autocast (fast on CPUs with AVX512-BF16 / AMX)
     threads: int | None = None
+    device: str = "auto"  # "auto": a CUDA GPU when torch sees one, else the CPU
     channels: tuple[int, int] = (0, 0)
     backbone: str = "cellpose-unet"
     decoder: str = "cellpose-flows"
@@ -294,7 +295,10 @@ def train(
     with torch.no_grad():
         net.diam_mean.fill_(diam_mean)
         net.diam_labels.fill_(diam_labels)
-    net = net.to(memory_format=torch.channels_last)
+    device = torch.device(
+        "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    )
+    net = net.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(
         net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -366,9 +370,9 @@ def train(
                 ],
                 strict=True,
             )
-            x = torch.from_numpy(np.stack(xs)).contiguous(memory_format=torch.channels_last)
-            t = torch.from_numpy(np.stack(ts))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            x = torch.from_numpy(np.stack(xs)).to(device, memory_format=torch.channels_last)
+            t = torch.from_numpy(np.stack(ts)).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 raw, _ = net(x)
             loss = decoder.loss(raw.float(), t)
             opt.zero_grad(set_to_none=True)
@@ -384,11 +388,11 @@ def train(
         }
         last = epoch == config.epochs - 1
         if val_samples and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
-            net.eval()
+            net.eval().cpu()  # inference code takes numpy arrays on the CPU
             step = max(1, len(val_samples) // config.eval_images) if config.eval_images else 1
             subset = list(val_samples)[::step][: config.eval_images or None]
             record["val"] = evaluate(make_segmenter(), subset, true_diameter=True)
-            net = net.to(memory_format=torch.channels_last)
+            net = net.to(device, memory_format=torch.channels_last)
         history.append(record)
         if ckpt_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +407,7 @@ def train(
             record["checkpoint"] = str(ckpt_path)
         say(json.dumps(record))
 
-    net.eval()
+    net.eval().cpu()
     size_model = fit_size_model(net, train_samples, diam_mean, config)
     centroid = style_centroid(net, train_samples)
     seg_time = time.time() - t_start
