@@ -147,7 +147,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"(only plain state dicts are accepted) [{first}]"
         ) from None
     except Exception as exc:
-        raise CellplugError(f"{path}: cannot read model weights ({type(exc).__name__}: {exc})") from None
+        raise CellplugError(
+            f"{path}: cannot read model weights ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CellplugError(
             f"{path}: expected a state dict (parameter name -> tensor), got {type(state).__name__}"
@@ -184,8 +186,12 @@ def load_cellpose_size_model(path: str | os.PathLike[str]) -> SizeModel:
     try:
         buf = _io.BytesIO(raw)
         version = np.lib.format.read_magic(buf)
-        np.lib.format._check_version(version)
-        shape, _fortran, dtype = np.lib.format._read_array_header(buf, version)
+        if version == (1, 0):
+            _shape, _fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            _shape, _fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+        else:
+            raise CellplugError(f"{path}: unsupported .npy format version {version}")
         if dtype != np.dtype(object):
             raise CellplugError(f"{path}: expected a Cellpose size model (a pickled dict)")
         obj = _ArrayOnlyUnpickler(buf).load()
@@ -205,7 +211,9 @@ def load_cellpose_size_model(path: str | os.PathLike[str]) -> SizeModel:
 
 # -- finding models ------------------------------------------------------------------------
 def _metadata_path(weights: Path) -> Path:
-    return weights.with_suffix(".json") if weights.suffix == ".pth" else Path(str(weights) + ".json")
+    if weights.suffix == ".pth":
+        return weights.with_suffix(".json")
+    return Path(str(weights) + ".json")
 
 
 def read_metadata(weights: Path) -> dict[str, Any]:
@@ -247,7 +255,8 @@ def available_models(registry: PluginRegistry | None = None) -> dict[str, ModelI
     registry = registry or get_registry()
     found: dict[str, ModelInfo] = {}
     for name, reg in registry.registrations("model").items():
-        found[name] = ModelInfo(name, Path(reg.obj), read_metadata(Path(reg.obj)), f"plugin:{reg.plugin}")
+        weights = Path(reg.obj)
+        found[name] = ModelInfo(name, weights, read_metadata(weights), f"plugin:{reg.plugin}")
     udir = user_model_dir()
     if udir.is_dir():
         for f in sorted(udir.glob("*.pth")):
@@ -255,7 +264,9 @@ def available_models(registry: PluginRegistry | None = None) -> dict[str, ModelI
     return found
 
 
-def resolve_model(ref: str | os.PathLike[str] | None, registry: PluginRegistry | None = None) -> ModelInfo:
+def resolve_model(
+    ref: str | os.PathLike[str] | None, registry: PluginRegistry | None = None
+) -> ModelInfo:
     """Find a model by path or name (``None``: the default, :data:`DEFAULT_MODEL`)."""
     ref = DEFAULT_MODEL if ref is None else ref
     path = Path(ref)
@@ -295,7 +306,9 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())[:300]
-        raise CellplugError(f"{info.weights}: weights do not fit backbone {info.backbone!r}: {msg}") from None
+        raise CellplugError(
+            f"{info.weights}: weights do not fit backbone {info.backbone!r}: {msg}"
+        ) from None
     missing = [k for k in missing if k not in ("diam_mean", "diam_labels")]
     if missing or unexpected:
         raise CellplugError(
@@ -325,8 +338,9 @@ def save_model(
     path = Path(path)
     if path.suffix != ".pth":
         path = path.with_name(path.name + ".pth")
+    keep = ("diam_mean", "diam_labels")
     state = {
-        k: (v.half() if half and v.is_floating_point() and k not in ("diam_mean", "diam_labels") else v)
+        k: (v.half() if half and v.is_floating_point() and k not in keep else v)
         .detach().cpu().clone()
         for k, v in net.state_dict().items()
     }
