@@ -1,17 +1,18 @@
 """Following a flow field: Euler integration with bilinear interpolation (numba).
 
-Speed comes from two exact shortcuts, neither of which changes a single output bit:
+Two exact shortcuts make it fast without changing a single output bit (the tests compare
+against a plain step-by-step loop):
 
-* **Interleaved trajectories.** One Euler step depends on the previous one (float -> int ->
-  load -> multiply-add -> clamp), so a single trajectory is bound by latency, not by
-  arithmetic. Each thread keeps a pool of ``LANES`` trajectories and advances them in turn,
-  letting the CPU overlap their independent chains; a finished trajectory's lane is refilled
-  with the next pixel straight away.
-* **Cycle detection.** The step is a deterministic function of the float32 position, so once
-  a position repeats the rest of the trajectory is periodic and its state after ``niter``
-  steps is known. Positions near an object's centre settle on a fixed point or a 2-cycle
-  after a few dozen steps (typically well before the default 200), so a trajectory stops as
-  soon as its new position equals its current one (period 1) or the previous one (period 2).
+* **Cycle detection.** A step is a deterministic function of the float32 position, so once a
+  position repeats, the rest of the trajectory is periodic and its position after ``niter``
+  steps is known. Near an object's centre, positions settle on a fixed point or a 2-cycle,
+  typically after a few dozen of the default 200 steps; a trajectory stops as soon as its new
+  position equals the one two steps back (a fixed point is caught one step after it is
+  reached, as a 2-cycle of two equal positions).
+* **Interleaved trajectories.** One step depends on the previous one (float -> int -> load ->
+  multiply-add -> clamp), so a lone trajectory is bound by latency. Each thread advances
+  four trajectories in turn, held in registers, so the CPU overlaps their independent
+  chains; a finished trajectory's lane is refilled with the next pixel at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-LANES = 4  # trajectories interleaved per thread
+LANES = 4  # trajectories interleaved per thread (the hot loop below is written out for 4)
+_IDLE = -(1 << 40)  # step count of an idle lane: never reaches niter
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -36,8 +38,8 @@ def _step(fl, y, x, ly, lx):
     xf = np.uint64(int(x))
     oy = np.uint64(2 * lx) if yf + np.uint64(1) < np.uint64(ly) else np.uint64(0)
     ox = np.uint64(2) if xf + np.uint64(1) < np.uint64(lx) else np.uint64(0)
-    wy = y - np.float32(yf)
-    wx = x - np.float32(xf)
+    wy = y - np.floor(y)  # == y - float(int(y)) for y >= 0, and cheaper
+    wx = x - np.floor(x)
     a = (one - wy) * (one - wx)
     b = (one - wy) * wx
     c = wy * (one - wx)
@@ -51,73 +53,101 @@ def _step(fl, y, x, ly, lx):
     return ny, nx
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _done(ny, nx, py, px, t, niter):
+    """0: go on; 1: finished at the new position; 2: finished at the current position.
+
+    ``(ny, nx)`` is the position after ``t`` steps, ``(py, px)`` the one after ``t - 2``.
+    If they are equal the trajectory alternates between the new and the current position
+    from now on, and the parity of the remaining steps picks the final one.
+    """
+    if ny == py and nx == px:
+        return 1 if (niter - t) % 2 == 0 else 2
+    if t >= niter:
+        return 1
+    return 0
+
+
 @njit(cache=True, nogil=True)
-def _follow_range(fl, ys, xs, lo, hi, niter, out):
-    """Follow pixels ``lo..hi-1`` of (ys, xs) for ``niter`` steps; write end points to out."""
-    ly = fl.shape[0]
-    lx = fl.shape[1]
-    fl = fl.reshape(-1)
-    cy = np.empty(LANES, np.float32)  # current position
-    cx = np.empty(LANES, np.float32)
-    py = np.empty(LANES, np.float32)  # previous position
-    px = np.empty(LANES, np.float32)
-    steps = np.zeros(LANES, np.int64)
-    pix = np.full(LANES, -1, np.int64)  # pixel followed by each lane (-1: idle)
+def _follow_range(fl3, ys, xs, lo, hi, niter, out):
+    """Follow pixels ``lo..hi-1`` of (ys, xs) for ``niter`` steps; write end points to out.
+
+    Lanes live in registers in the hot loop; the rare bookkeeping (a lane finished) goes
+    through the small arrays ``st`` (y, x, previous y, previous x), ``tt`` (steps done) and
+    ``pix`` (pixel followed, -1 when idle). Idle lanes keep stepping from (0, 0), harmlessly.
+    """
+    ly = fl3.shape[0]
+    lx = fl3.shape[1]
+    fl = fl3.reshape(-1)
+    nan = np.float32(np.nan)  # "no previous position": compares unequal to everything
+    pix = np.full(LANES, -1, np.int64)
+    st = np.zeros((LANES, 4), np.float32)
+    tt = np.full(LANES, _IDLE, np.int64)
     nxt = lo
+    for k in range(LANES):
+        st[k, 2] = nan
+        st[k, 3] = nan
+        if nxt < hi:
+            pix[k] = nxt
+            st[k, 0] = ys[nxt]
+            st[k, 1] = xs[nxt]
+            tt[k] = 0
+            nxt += 1
     active = 0
     for k in range(LANES):
-        if nxt < hi:
-            cy[k] = np.float32(ys[nxt])
-            cx[k] = np.float32(xs[nxt])
-            py[k] = np.float32(np.nan)
-            px[k] = np.float32(np.nan)
-            steps[k] = 0
-            pix[k] = nxt
-            nxt += 1
-            active += 1
+        active += pix[k] >= 0
+    y0, x0, py0, px0, t0 = st[0, 0], st[0, 1], st[0, 2], st[0, 3], tt[0]
+    y1, x1, py1, px1, t1 = st[1, 0], st[1, 1], st[1, 2], st[1, 3], tt[1]
+    y2, x2, py2, px2, t2 = st[2, 0], st[2, 1], st[2, 2], st[2, 3], tt[2]
+    y3, x3, py3, px3, t3 = st[3, 0], st[3, 1], st[3, 2], st[3, 3], tt[3]
     while active > 0:
-        for k in range(LANES):
-            n = pix[k]
-            if n < 0:
-                continue
-            y = cy[k]
-            x = cx[k]
-            ny, nx = _step(fl, y, x, ly, lx)
-            t = steps[k] + 1  # ny, nx is the position after t steps
-            done = False
-            if t >= niter or (ny == y and nx == x):
-                fy = ny  # last step, or a fixed point
-                fx = nx
-                done = True
-            elif ny == py[k] and nx == px[k]:
-                # 2-cycle: positions alternate (ny, nx), (y, x), (ny, nx), ...
-                if (niter - t) % 2 == 0:
-                    fy = ny
-                    fx = nx
-                else:
-                    fy = y
-                    fx = x
-                done = True
-            if done:
-                out[0, n] = fy
-                out[1, n] = fx
-                if nxt < hi:
-                    cy[k] = np.float32(ys[nxt])
-                    cx[k] = np.float32(xs[nxt])
-                    py[k] = np.float32(np.nan)
-                    px[k] = np.float32(np.nan)
-                    steps[k] = 0
-                    pix[k] = nxt
-                    nxt += 1
-                else:
+        ny0, nx0 = _step(fl, y0, x0, ly, lx)
+        ny1, nx1 = _step(fl, y1, x1, ly, lx)
+        ny2, nx2 = _step(fl, y2, x2, ly, lx)
+        ny3, nx3 = _step(fl, y3, x3, ly, lx)
+        t0 += 1
+        t1 += 1
+        t2 += 1
+        t3 += 1
+        c0 = _done(ny0, nx0, py0, px0, t0, niter)
+        c1 = _done(ny1, nx1, py1, px1, t1, niter)
+        c2 = _done(ny2, nx2, py2, px2, t2, niter)
+        c3 = _done(ny3, nx3, py3, px3, t3, niter)
+        py0, px0, y0, x0 = y0, x0, ny0, nx0
+        py1, px1, y1, x1 = y1, x1, ny1, nx1
+        py2, px2, y2, x2 = y2, x2, ny2, nx2
+        py3, px3, y3, x3 = y3, x3, ny3, nx3
+        if c0 | c1 | c2 | c3:
+            codes = (c0, c1, c2, c3)
+            st[0, 0], st[0, 1], st[0, 2], st[0, 3], tt[0] = y0, x0, py0, px0, t0
+            st[1, 0], st[1, 1], st[1, 2], st[1, 3], tt[1] = y1, x1, py1, px1, t1
+            st[2, 0], st[2, 1], st[2, 2], st[2, 3], tt[2] = y2, x2, py2, px2, t2
+            st[3, 0], st[3, 1], st[3, 2], st[3, 3], tt[3] = y3, x3, py3, px3, t3
+            for k in range(LANES):
+                c = codes[k]
+                if c == 0:
+                    continue
+                n = pix[k]
+                if n >= 0:
+                    # st[k] already holds (new, current): code 1 -> new, 2 -> current
+                    out[0, n] = st[k, 0] if c == 1 else st[k, 2]
+                    out[1, n] = st[k, 1] if c == 1 else st[k, 3]
+                    if nxt < hi:
+                        pix[k] = nxt
+                        st[k, 0] = ys[nxt]
+                        st[k, 1] = xs[nxt]
+                        st[k, 2] = nan
+                        st[k, 3] = nan
+                        tt[k] = 0
+                        nxt += 1
+                        continue
                     pix[k] = -1
                     active -= 1
-            else:
-                py[k] = y
-                px[k] = x
-                cy[k] = ny
-                cx[k] = nx
-                steps[k] = t
+                tt[k] = _IDLE  # an idle lane that fell into a cycle: keep it idle
+            y0, x0, py0, px0, t0 = st[0, 0], st[0, 1], st[0, 2], st[0, 3], tt[0]
+            y1, x1, py1, px1, t1 = st[1, 0], st[1, 1], st[1, 2], st[1, 3], tt[1]
+            y2, x2, py2, px2, t2 = st[2, 0], st[2, 1], st[2, 2], st[2, 3], tt[2]
+            y3, x3, py3, px3, t3 = st[3, 0], st[3, 1], st[3, 2], st[3, 3], tt[3]
 
 
 @njit(cache=True, parallel=True)
@@ -178,9 +208,9 @@ def follow_flows(
     fl[..., 1] = flows[1]
     if not np.isfinite(fl).all():  # NaN would make the integer positions undefined
         np.nan_to_num(fl, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    # contiguous chunks keep each thread on nearby objects; several per thread balance load
-    nchunks = max(1, min(npix // 256, 8 * numba.get_num_threads()))
-    _follow(
-        fl, start[0].astype(np.int32), start[1].astype(np.int32), niter, out, nchunks
-    )
+    # contiguous chunks keep a thread on nearby objects; many small chunks handed out
+    # dynamically balance the load when other processes take CPU time from some threads
+    nchunks = max(1, min(npix // 1024, 64 * numba.get_num_threads()))
+    with numba.parallel_chunksize(1):
+        _follow(fl, start[0].astype(np.int32), start[1].astype(np.int32), niter, out, nchunks)
     return out, start

@@ -6,8 +6,9 @@ iterations, ``h`` and ``w`` being the object's bounding-box size; the flow is th
 gradient of the resulting field, normalised to unit length. The centre is the object pixel
 nearest to the mean of the object's coordinates (what Cellpose 3.1.1.2 computes).
 
-Objects are independent, so they are spread over threads; each is computed on a dense copy
-of its own bounding box (one pixel of padding), which vectorises well.
+Objects are independent, so they are spread over threads (largest first, one at a time);
+each is computed on a dense copy of its own bounding box (one pixel of padding), which
+vectorises well.
 """
 
 from __future__ import annotations
@@ -129,15 +130,14 @@ def _one_object(lab, k, y0, y1, x0, x1, niter_override, out, centers):
 
 
 @njit(cache=True, parallel=True)
-def _all_objects(lab, boxes, order, niter_override, out, centers, nthreads):
-    n = order.shape[0]
-    # round-robin over objects sorted by size, so threads get similar amounts of work
-    for t in prange(nthreads):
-        for m in range(t, n, nthreads):
-            k = order[m]
-            b = boxes[k]
-            if b[1] > b[0]:
-                _one_object(lab, k + 1, b[0], b[1], b[2], b[3], niter_override, out, centers)
+def _all_objects(lab, boxes, order, niter_override, out, centers):
+    # largest objects first, handed out one at a time (the caller sets a parallel chunk
+    # size of 1), so threads finish together even when other processes slow some down
+    for m in prange(order.shape[0]):
+        k = order[m]
+        b = boxes[k]
+        if b[1] > b[0]:
+            _one_object(lab, k + 1, b[0], b[1], b[2], b[3], niter_override, out, centers)
 
 
 def masks_to_flows(
@@ -176,8 +176,6 @@ def masks_to_flows(
         boxes = _boxes(lab, n)
         area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
         order = np.argsort(-area, kind="stable").astype(np.int64)
-        _all_objects(
-            lab, boxes, order, -1 if niter is None else int(niter), out, centers,
-            numba.get_num_threads(),
-        )
+        with numba.parallel_chunksize(1):
+            _all_objects(lab, boxes, order, -1 if niter is None else int(niter), out, centers)
     return (out, centers) if return_centers else out
