@@ -159,8 +159,26 @@ def _follow(fl, ys, xs, niter, out, nchunks):
         _follow_range(fl, ys, xs, lo, hi, niter, out)
 
 
+@njit(cache=True, nogil=True)
+def _interleave(flows, inside, zero_outside):
+    """(2, H, W) -> (H, W, 2) float32, non-finite values (and optionally outside) -> 0."""
+    ly, lx = inside.shape
+    fl = np.empty((ly, lx, 2), np.float32)
+    zero = np.float32(0.0)
+    for i in range(ly):
+        for j in range(lx):
+            fy = np.float32(flows[0, i, j])
+            fx = np.float32(flows[1, i, j])
+            if (zero_outside and not inside[i, j]) or not (np.isfinite(fy) and np.isfinite(fx)):
+                fy = zero
+                fx = zero
+            fl[i, j, 0] = fy
+            fl[i, j, 1] = fx
+    return fl
+
+
 def follow_flows(
-    flows: np.ndarray, inside: np.ndarray, niter: int = 200
+    flows: np.ndarray, inside: np.ndarray, niter: int = 200, *, zero_outside: bool = False
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Move every pixel of ``inside`` along ``flows`` for ``niter`` Euler steps.
 
@@ -170,12 +188,15 @@ def follow_flows(
     Parameters
     ----------
     flows
-        float32 (2, H, W) step field (Y then X), in pixels per step. Non-finite values are
-        treated as 0.
+        float32 (2, H, W) step field (Y then X), in pixels per step. A pixel with a
+        non-finite component is treated as 0.
     inside
         bool (H, W): the pixels to move (those above the cell-probability threshold).
     niter
         Number of steps (>= 0); default 200.
+    zero_outside
+        Treat the flows outside ``inside`` as 0 (Cellpose follows ``flows * inside``);
+        default False.
 
     Returns
     -------
@@ -202,12 +223,9 @@ def follow_flows(
         out[0] = start[0]
         out[1] = start[1]
         return out, start
-    # (H, W, 2): both components of a pixel share a cache line
-    fl = np.empty((*flows.shape[1:], 2), np.float32)
-    fl[..., 0] = flows[0]
-    fl[..., 1] = flows[1]
-    if not np.isfinite(fl).all():  # NaN would make the integer positions undefined
-        np.nan_to_num(fl, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    # (H, W, 2): both components of a pixel share a cache line. Non-finite values become 0:
+    # NaN would make the integer positions undefined.
+    fl = _interleave(flows, inside, bool(zero_outside))
     # contiguous chunks keep a thread on nearby objects; many small chunks handed out
     # dynamically balance the load when other processes take CPU time from some threads
     nchunks = max(1, min(npix // 1024, 64 * numba.get_num_threads()))

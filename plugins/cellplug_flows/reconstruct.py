@@ -154,15 +154,32 @@ def flow_errors(labels: np.ndarray, flows: np.ndarray) -> np.ndarray:
         float64 (N,): for each object, the mean over its pixels of the squared difference
         summed over the two components.
     """
+    labels = np.asarray(labels)
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return np.zeros(0)
     mflows = masks_to_flows(labels)
-    sq = ((mflows - flows) ** 2).sum(axis=0, dtype=np.float64)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    sums = np.bincount(labels.ravel(), weights=sq.ravel(), minlength=n + 1)[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    return _mean_sq_error(labels, mflows, np.asarray(flows), n)
+
+
+@njit(cache=True, nogil=True)
+def _mean_sq_error(labels, a, b, n):
+    """Per label 1..n: mean over its pixels of sum_c (a[c] - b[c])^2 (0 for absent labels)."""
+    sums = np.zeros(n + 1, np.float64)
+    counts = np.zeros(n + 1, np.int64)
+    for i in range(labels.shape[0]):
+        for j in range(labels.shape[1]):
+            v = labels[i, j]
+            if v > 0:
+                d0 = np.float64(a[0, i, j]) - np.float64(b[0, i, j])
+                d1 = np.float64(a[1, i, j]) - np.float64(b[1, i, j])
+                sums[v] += d0 * d0 + d1 * d1
+                counts[v] += 1
+    out = np.zeros(n, np.float64)
+    for k in range(1, n + 1):
+        if counts[k] > 0:
+            out[k - 1] = sums[k] / counts[k]
+    return out
 
 
 @njit(cache=True)
@@ -302,7 +319,7 @@ def flows_to_masks(
     inside = cellprob > cellprob_threshold
     if not inside.any():
         return np.zeros(cellprob.shape, np.uint32)
-    final, start = follow_flows(flows * inside, inside, niter=niter)
+    final, start = follow_flows(flows, inside, niter=niter, zero_outside=True)
     labels = cluster_end_points(final, start, cellprob.shape, max_size_fraction)
     if flow_threshold is not None and flow_threshold > 0 and labels.max() > 0:
         errors = flow_errors(labels, flows)
