@@ -96,11 +96,56 @@ def test_empty_and_flat_inputs_give_no_masks():
     assert empty.dtype == np.uint32 and empty.shape == (32, 32)
 
 
-def test_one_pixel_objects_are_never_masks():
-    labels = np.zeros((20, 20), np.int32)
-    labels[2::4, 2::4] = np.arange(1, 26).reshape(5, 5)
+def test_objects_need_more_than_10_converging_pixels():
+    labels = np.zeros((40, 40), np.int32)
+    labels[2:10:4, 2:40:4] = np.arange(1, 21).reshape(2, 10)  # one-pixel objects
+    labels[15:18, 2:5] = 21  # 9 pixels
+    labels[15:18, 10:13] = 22
+    labels[25:29, 2:6] = 23  # 16 pixels
     masks = flows_to_masks(masks_to_flows(labels), logit(labels), min_size=0)
-    assert not masks.any()  # a seed needs more than 10 pixels converging
+    assert masks.max() == 1
+    np.testing.assert_array_equal(masks > 0, labels == 23)
+
+
+def end_points(counts: dict[tuple[int, int], int]):
+    """(final, start) with ``counts[(y, x)]`` pixels ending in histogram bin (y, x) (image
+    coordinates), each starting from its own pixel of a 60 x 60 image."""
+    ys, xs = [], []
+    for (y, x), n in counts.items():
+        ys += [y + 0.5] * n
+        xs += [x + 0.5] * n
+    final = np.array([ys, xs], np.float32)
+    k = np.arange(final.shape[1])
+    return final, (k // 60, k % 60)
+
+
+def test_clustering_seeds_grow_five_steps_over_bins_with_more_than_two_points():
+    from cellplug_flows.reconstruct import cluster_end_points
+
+    counts = {(20, 20): 15}  # the only peak with more than 10 points
+    counts.update({(20, 20 + d): 3 for d in range(1, 9)})  # a trail of 3-point bins
+    counts[(21, 20)] = 2  # next to the seed, but too few points to grow into
+    counts[(40, 40)] = 10  # a peak, but not above 10
+    final, start = end_points(counts)
+    labels = cluster_end_points(final, start, (60, 60))
+    assert labels.dtype == np.int32
+    got = labels[start]
+    bins = list(counts)
+    per_point = np.repeat(np.arange(len(bins)), list(counts.values()))
+    for i, b in enumerate(bins):
+        expect = 1 if b[0] == 20 and b[1] - 20 <= 5 else 0
+        assert np.all(got[per_point == i] == expect), b
+
+
+def test_clustering_larger_peaks_win_overlaps():
+    from cellplug_flows.reconstruct import cluster_end_points
+
+    counts = {(10, 10): 20, (10, 16): 12}
+    counts.update({(10, x): 3 for x in range(11, 16)})  # reachable from both seeds
+    final, start = end_points(counts)
+    labels = cluster_end_points(final, start, (60, 60))
+    sizes = sorted(np.bincount(labels[start])[1:])
+    assert sizes == [12, 20 + 5 * 3]
 
 
 def test_niter_more_steps_let_large_objects_converge():
