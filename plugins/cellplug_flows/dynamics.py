@@ -177,6 +177,25 @@ def _interleave(flows, inside, zero_outside):
     return fl
 
 
+@njit(cache=True, nogil=True)
+def _coords(inside):
+    """Row-major (y, x) int32 coordinates of the True pixels (np.nonzero, in 4-byte ints)."""
+    n = 0
+    for i in range(inside.shape[0]):
+        for j in range(inside.shape[1]):
+            n += inside[i, j]
+    ys = np.empty(n, np.int32)
+    xs = np.empty(n, np.int32)
+    k = 0
+    for i in range(inside.shape[0]):
+        for j in range(inside.shape[1]):
+            if inside[i, j]:
+                ys[k] = i
+                xs[k] = j
+                k += 1
+    return ys, xs
+
+
 def follow_flows(
     flows: np.ndarray, inside: np.ndarray, niter: int = 200, *, zero_outside: bool = False
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
@@ -203,7 +222,7 @@ def follow_flows(
     final : ndarray
         float32 (2, N) final (y, x) positions, N = ``inside.sum()``, in row-major order.
     start : tuple of ndarray
-        The (y, x) integer coordinates the pixels started from (``np.nonzero(inside)``).
+        int32 (N,) y and x coordinates the pixels started from (``np.nonzero(inside)``).
     """
     flows = np.asarray(flows)
     inside = np.asarray(inside, dtype=bool)
@@ -214,7 +233,7 @@ def follow_flows(
     niter = int(niter)
     if niter < 0:
         raise ValueError(f"niter must be >= 0, got {niter}")
-    start = np.nonzero(inside)
+    start = _coords(inside)
     npix = start[0].size
     out = np.empty((2, npix), np.float32)
     if npix == 0:
@@ -230,5 +249,5 @@ def follow_flows(
     # dynamically balance the load when other processes take CPU time from some threads
     nchunks = max(1, min(npix // 1024, 64 * numba.get_num_threads()))
     with numba.parallel_chunksize(1):
-        _follow(fl, start[0].astype(np.int32), start[1].astype(np.int32), niter, out, nchunks)
+        _follow(fl, start[0], start[1], niter, out, nchunks)
     return out, start

@@ -20,11 +20,26 @@ GROW_ITERATIONS = 5
 
 
 @njit(cache=True)
-def _histogram(py, px, ly, lx):
+def _histogram(final, ly, lx):
+    """Histogram of the truncated end points, padded by RPAD; returns (bin y, bin x, h)."""
+    n = final.shape[1]
+    py = np.empty(n, np.int32)
+    px = np.empty(n, np.int32)
     h = np.zeros((ly + 2 * RPAD, lx + 2 * RPAD), np.int32)
-    for n in range(py.shape[0]):
-        h[py[n], px[n]] += 1
-    return h
+    for k in range(n):
+        y = min(max(int(final[0, k]) + RPAD, 0), ly + RPAD - 1)
+        x = min(max(int(final[1, k]) + RPAD, 0), lx + RPAD - 1)
+        py[k] = y
+        px[k] = x
+        h[y, x] += 1
+    return py, px, h
+
+
+@njit(cache=True)
+def _paint(labels, ys, xs, M, py, px):
+    """labels[ys[k], xs[k]] = M[py[k], px[k]] for every end point k."""
+    for k in range(ys.shape[0]):
+        labels[ys[k], xs[k]] = M[py[k], px[k]]
 
 
 @njit(cache=True)
@@ -110,16 +125,15 @@ def cluster_end_points(
     labels = np.zeros(shape, np.int32)
     if final.shape[1] == 0:
         return labels
-    py = np.clip(final[0].astype(np.int32) + RPAD, 0, ly + RPAD - 1)
-    px = np.clip(final[1].astype(np.int32) + RPAD, 0, lx + RPAD - 1)
-    h = _histogram(py, px, ly, lx)
+    py, px, h = _histogram(final, ly, lx)
     hmax = _max_filter5(h)
     sy, sx = np.nonzero((h >= hmax) & (h > SEED_MIN_COUNT))
     if sy.size == 0:
         return labels
     order = np.argsort(h[sy, sx], kind="stable")  # fewest first: larger peaks win overlaps
     M = _grow_seeds(h, sy[order].astype(np.int64), sx[order].astype(np.int64))
-    labels[start] = M[py, px]
+    del hmax
+    _paint(labels, start[0], start[1], M, py, px)
     counts = np.bincount(labels.ravel())
     too_big = np.nonzero(counts > labels.size * max_size_fraction)[0]
     too_big = too_big[too_big > 0]
