@@ -46,6 +46,7 @@ import logging
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -214,11 +215,10 @@ def main() -> int:
     summary: dict[str, dict] = {}
     per_image: dict[str, dict] = {}
     failed = []
-    seed = 0
     for dname, items in sets.items():
         rows = {}
         for name, labels in items:
-            seed += 1
+            seed = zlib.crc32(f"{dname}/{name}".encode())  # noise seed: fixed per image
             rows[name] = run_image(
                 labels, seed, dynamics, masks_to_flows, flows_to_masks, average_precision
             )
