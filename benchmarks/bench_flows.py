@@ -136,15 +136,15 @@ MEM_CODE = textwrap.dedent(
     """
     import json, resource, sys, time
     import numpy as np
-    from cellplug_flows import flows_to_masks
+    from cellplug_flows import flows_to_masks, masks_to_flows
 
     def rss():
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * resource.getpagesize()
 
-    lab = np.zeros((64, 64), np.int32); lab[10:30, 10:30] = 1
-    fl = np.zeros((2, 64, 64), np.float32); cp = np.where(lab > 0, 5.0, -5.0).astype(np.float32)
-    flows_to_masks(fl, cp)  # JIT warm-up (from the cache)
+    # warm-up through every step (compiled code loaded or built before the baseline)
+    lab = np.zeros((64, 64), np.int32); lab[4:24, 4:24] = 1; lab[30:50, 30:60] = 2
+    flows_to_masks(masks_to_flows(lab), np.where(lab > 0, 5.0, -5.0).astype(np.float32))
     base = rss()
     flows = np.load(sys.argv[1]); cellprob = np.load(sys.argv[2])
     inputs = rss() - base
@@ -221,10 +221,10 @@ def markdown(res: dict) -> str:
         f"process peak {mem['peak_rss'] / 2**20:.0f} MiB. Limit 2048 MiB: "
         f"{'passed' if mem['passed'] else 'FAILED'}.",
         "",
-        "The machine was not idle (see the load averages; a model was training in the "
-        "background on both cores), which slows both libraries; the ratios come from the "
-        "same run with alternating measurements. Rerun: `nox -s bench` or "
-        "`python benchmarks/bench_flows.py`.",
+        "Other work on the machine (see the load averages) slows both libraries alike; the "
+        "ratios come from one run with alternating measurements. "
+        + (res.get("note") or "")
+        + " Rerun: `nox -s bench` or `python benchmarks/bench_flows.py`.",
         "",
     ]
     return "\n".join(lines)
@@ -235,6 +235,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     ap.add_argument("--no-memory", action="store_true", help="skip the 4096^2 memory check")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_flows.json")
+    ap.add_argument("--note", default="", help="context for the results, e.g. machine load")
     args = ap.parse_args()
     try:
         import torch
@@ -263,6 +264,7 @@ def main() -> int:
         "versions": versions("cellplug", "cellpose", "numpy", "numba", "torch"),
         "threads": {"numba": numba.get_num_threads(), "torch": torch.get_num_threads()},
         "goal_ratio": GOAL,
+        "note": args.note,
         "sizes": [],
     }
     print(f"{'size':>6} {'objects':>8} | {'m2f ours':>9} {'cellpose':>9} {'ratio':>6} | "
