@@ -208,7 +208,16 @@ def markdown(res: dict) -> str:
     j = res["jit"]["empty_cache"]
     jc = res["jit"]["filled_cache"]
     mem = res["memory"]
+    short = [
+        f"{step} at {r['size']}^2 ({r['ratio_' + key]:.1f}x)"
+        for r in res["sizes"]
+        for key, step in (("m2f", "masks->flows"), ("f2m", "flows->masks"))
+        if r["ratio_" + key] < GOAL
+    ]
     lines += [
+        "",
+        f"Goal, both steps at least {GOAL:g}x faster: "
+        + ("met at every size." if not short else "not met for " + ", ".join(short) + "."),
         "",
         f"First-call JIT compilation (fresh process, empty NUMBA_CACHE_DIR): masks->flows "
         f"{j['jit_m2f']:.1f} s, flows->masks {j['jit_f2m']:.1f} s (import {j['import']:.1f} s). "
@@ -223,8 +232,8 @@ def markdown(res: dict) -> str:
         "",
         "Other work on the machine (see the load averages) slows both libraries alike; the "
         "ratios come from one run with alternating measurements. "
-        + (res.get("note") or "")
-        + " Rerun: `nox -s bench` or `python benchmarks/bench_flows.py`.",
+        + (res["note"] + " " if res.get("note") else "")
+        + "Rerun: `nox -s bench` or `python benchmarks/bench_flows.py`.",
         "",
     ]
     return "\n".join(lines)
