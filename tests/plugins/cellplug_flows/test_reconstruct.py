@@ -308,6 +308,19 @@ def test_min_size_is_applied_before_and_after_filling():
     assert not fill_holes_and_remove_small(np.zeros((5, 5), np.int32)).any()
 
 
+def test_min_size_with_gaps_in_the_ids_removes_only_small_objects():
+    """Ids with gaps (e.g. after the flow-error check dropped a mask): only the small object
+    goes. (Cellpose 3.1.1.2 indexes its size table as if ids were contiguous and drops the
+    100-pixel object 3 here instead; this is deliberately not reproduced.)"""
+    labels = np.zeros((40, 40), np.int32)
+    labels[0:10, 0:10] = 2
+    labels[20:30, 20:30] = 3
+    labels[35:37, 0:5] = 4  # 10 px
+    out = fill_holes_and_remove_small(labels, min_size=15)
+    assert sorted(np.bincount(out.ravel())[1:]) == [100, 100]
+    assert out[25, 25] > 0 and out[5, 5] > 0 and out[36, 2] == 0
+
+
 def test_reconstructed_ring_comes_back_filled():
     labels = np.zeros((50, 50), np.int32)
     labels[disc(labels.shape, 25, 25, 18) & ~disc(labels.shape, 25, 25, 4)] = 1
