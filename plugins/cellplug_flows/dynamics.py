@@ -29,22 +29,24 @@ _IDLE = -(1 << 40)  # step count of an idle lane: never reaches niter
 def _step(fl, y, x, ly, lx):
     """One Euler step from (y, x), clamped to the image.
 
-    ``fl`` is the field flattened from (H, W, 2) (both components of a pixel side by side);
-    unsigned indices spare numba's negative-index wraparound code (positions are >= 0).
+    ``fl`` is the field flattened from (H + 1, W + 1, 2): both components of a pixel side by
+    side, plus a row and a column of zeros, so the far neighbours of the last row and column
+    need no clamping (their weight is exactly 0 there, as positions are clamped to H - 1 and
+    W - 1). Unsigned indices spare numba's negative-index wraparound code.
     """
     zero = np.float32(0.0)
     one = np.float32(1.0)
     yf = np.uint64(int(y))
     xf = np.uint64(int(x))
-    oy = np.uint64(2 * lx) if yf + np.uint64(1) < np.uint64(ly) else np.uint64(0)
-    ox = np.uint64(2) if xf + np.uint64(1) < np.uint64(lx) else np.uint64(0)
+    oy = np.uint64(2 * (lx + 1))  # next row
+    ox = np.uint64(2)  # next column
     wy = y - np.floor(y)  # == y - float(int(y)) for y >= 0, and cheaper
     wx = x - np.floor(x)
     a = (one - wy) * (one - wx)
     b = (one - wy) * wx
     c = wy * (one - wx)
     d = wy * wx
-    p = (yf * np.uint64(lx) + xf) * np.uint64(2)
+    p = (yf * np.uint64(lx + 1) + xf) * np.uint64(2)
     dy = fl[p] * a + fl[p + ox] * b + fl[p + oy] * c + fl[p + oy + ox] * d
     p1 = p + np.uint64(1)
     dx = fl[p1] * a + fl[p1 + ox] * b + fl[p1 + oy] * c + fl[p1 + oy + ox] * d
@@ -76,8 +78,8 @@ def _follow_range(fl3, ys, xs, lo, hi, niter, out):
     through the small arrays ``st`` (y, x, previous y, previous x), ``tt`` (steps done) and
     ``pix`` (pixel followed, -1 when idle). Idle lanes keep stepping from (0, 0), harmlessly.
     """
-    ly = fl3.shape[0]
-    lx = fl3.shape[1]
+    ly = fl3.shape[0] - 1  # fl3 is padded by one row and column
+    lx = fl3.shape[1] - 1
     fl = fl3.reshape(-1)
     nan = np.float32(np.nan)  # "no previous position": compares unequal to everything
     pix = np.full(LANES, -1, np.int64)
@@ -161,9 +163,10 @@ def _follow(fl, ys, xs, niter, out, nchunks):
 
 @njit(cache=True, nogil=True)
 def _interleave(flows, inside, zero_outside):
-    """(2, H, W) -> (H, W, 2) float32, non-finite values (and optionally outside) -> 0."""
+    """(2, H, W) -> (H + 1, W + 1, 2) float32 with a zero last row and column; non-finite
+    values (and, optionally, those outside ``inside``) -> 0."""
     ly, lx = inside.shape
-    fl = np.empty((ly, lx, 2), np.float32)
+    fl = np.zeros((ly + 1, lx + 1, 2), np.float32)
     zero = np.float32(0.0)
     for i in range(ly):
         for j in range(lx):
@@ -242,8 +245,8 @@ def follow_flows(
         out[0] = start[0]
         out[1] = start[1]
         return out, start
-    # (H, W, 2): both components of a pixel share a cache line. Non-finite values become 0:
-    # NaN would make the integer positions undefined.
+    # (H + 1, W + 1, 2): both components of a pixel share a cache line. Non-finite values
+    # become 0: NaN would make the integer positions undefined.
     fl = _interleave(flows, inside, bool(zero_outside))
     # contiguous chunks keep a thread on nearby objects; many small chunks handed out
     # dynamically balance the load when other processes take CPU time from some threads
