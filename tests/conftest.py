@@ -20,7 +20,9 @@ def fluo_pair() -> tuple[np.ndarray, np.ndarray]:
     """dsb2018 fluorescence crop (160, 160) uint8 and its labels (160, 160) uint16."""
     import tifffile
 
-    return tifffile.imread(DATA / "dsb2018_fluo.tif"), tifffile.imread(DATA / "dsb2018_fluo_masks.tif")
+    return tifffile.imread(DATA / "dsb2018_fluo.tif"), tifffile.imread(
+        DATA / "dsb2018_fluo_masks.tif"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,9 @@ def nearest_centroid(styles: np.ndarray, models: Sequence) -> list[str]:
         raise ValueError("no candidate model has a style centroid")
     cents = np.stack([np.asarray(m.style_centroid, np.float64) for m in usable])
     if cents.shape[1] != styles.shape[1]:
-        raise ValueError(f"style size {styles.shape[1]} differs from centroid size {cents.shape[1]}")
+        raise ValueError(
+            f"style size {styles.shape[1]} differs from centroid size {cents.shape[1]}"
+        )
     s = styles / np.linalg.norm(styles, axis=1, keepdims=True)
     c = cents / np.linalg.norm(cents, axis=1, keepdims=True)
     best = np.argmax(s @ c.T, axis=1)

@@ -70,9 +70,11 @@ def register_flow_decoders(register: Register) -> None:
       cell-probability map float32 (H, W) (a logit: > 0 means "inside a cell");
     - ``loss(raw, targets) -> torch scalar``: raw (B, K, H, W) and targets (B, T, H, W)
       as torch tensors, used for training;
-    - ``rotate_targets(targets, theta, flip) -> ndarray`` (optional): how targets change
-      when the image is flipped left-right and then rotated by ``theta`` radians during
-      augmentation (vector fields rotate, scalars do not).
+    - ``vector_channels: tuple[int, int]`` (optional): the target channels holding the
+      (Y, X) components of a vector field; augmentation rotates and mirrors them with the
+      image, and their raw counterparts (index - 1) change sign when tiles are mirrored;
+    - ``target_interpolation: tuple[str, ...]`` (optional): ``"nearest"`` or ``"linear"``
+      per target channel, used when targets are warped (default: all linear).
     """
 
 

@@ -24,7 +24,9 @@ def to_display(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)
     return (out * 255).round().astype(np.uint8)
 
 
-def outline_overlay(image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] = (255, 64, 64)) -> np.ndarray:
+def outline_overlay(
+    image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] = (255, 64, 64)
+) -> np.ndarray:
     """The image with the outline of every object drawn in ``color``: uint8 (Y, X, 3)."""
     rgb = to_display(image)
     edges = find_boundaries(np.asarray(labels), mode="inner")
