@@ -34,7 +34,10 @@ def _bn_conv(cin: int, cout: int, k: int) -> nn.Sequential:
 
 
 class ResDown(nn.Module):
-    """Two residual pairs of convolutions; a 1x1 projection on the first shortcut."""
+    """Two residual pairs of convolutions; a 1x1 projection on the first shortcut.
+
+    (B, cin, H, W) -> (B, cout, H, W).
+    """
 
     def __init__(self, cin: int, cout: int, k: int) -> None:
         super().__init__()
@@ -49,7 +52,10 @@ class ResDown(nn.Module):
 
 
 class StyleConv(nn.Module):
-    """Adds a (projected) style vector, and optionally a skip tensor, before a conv."""
+    """Adds a (projected) style vector, and optionally a skip tensor, before a conv.
+
+    style (B, n_style), x (B, cin, H, W), skip (B, cin, H, W) or None -> (B, cout, H, W).
+    """
 
     def __init__(self, cin: int, cout: int, n_style: int, k: int) -> None:
         super().__init__()
@@ -65,6 +71,8 @@ class StyleConv(nn.Module):
 
 
 class ResUp(nn.Module):
+    """Decoder block: x (B, cin, H, W), skip (B, cout, H, W), style (B, S) -> (B, cout, H, W)."""
+
     def __init__(self, cin: int, cout: int, n_style: int, k: int) -> None:
         super().__init__()
         self.conv = nn.Sequential()
@@ -79,6 +87,8 @@ class ResUp(nn.Module):
 
 
 class Encoder(nn.Module):
+    """(B, nbase[0], H, W) -> features at 1, 1/2, 1/4, 1/8 resolution (nbase[1:] channels)."""
+
     def __init__(self, nbase: Sequence[int], k: int) -> None:
         super().__init__()
         self.down = nn.Sequential()
@@ -94,6 +104,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Style (B, S) and encoder features -> (B, nbaseup[0], H, W) at full resolution."""
+
     def __init__(self, nbaseup: Sequence[int], k: int) -> None:
         super().__init__()
         self.up = nn.Sequential()
