@@ -6,14 +6,15 @@ crop (one-time costs such as numba compilation and MKL-DNN set-up are excluded):
 
 - ``cellpose``: ``CellposeModel(pretrained_model=...).eval`` with its defaults (224 px tiles,
   float32, MKL-DNN on CPU);
-- ``cellplug-tiled``: ``tile=True`` (the Cellpose-identical mode: same tiles, float32);
-- ``cellplug``: the defaults (``tile="auto"``: one whole-image pass when it fits in memory;
-  ``precision="auto"``: bfloat16 autocast on CPUs with native bfloat16);
+- ``cellplug fp32``: ``tile=True, precision="fp32"`` (the Cellpose-identical mode);
+- ``cellplug``: the defaults (the same tiles, ``precision="auto"``: bfloat16 autocast on CPUs
+  with native bfloat16);
+- ``cellplug whole``: ``tile="auto"`` (one whole-image pass when it fits in memory), bf16;
 
-and at 1024² the single levers: whole image in float32, tiles in bfloat16, and one torch
-thread for Cellpose and for cellplug. Every run uses the same settings: channels [0, 0],
-diameter = the model's ``diam_mean`` (rescale 1, so no resizing), flow threshold 0.4,
-cell-probability threshold 0, torch's default thread count unless stated.
+and at 1024² the single levers: whole image in float32, and one torch thread for each.
+Every run uses the same settings: channels [0, 0], diameter = the model's ``diam_mean``
+(rescale 1, so no resizing), flow threshold 0.4, cell-probability threshold 0, torch's
+default thread count unless stated.
 
 Masks of every cellplug configuration are compared with Cellpose's (AP@0.5, Cellpose's as the
 reference). Seconds, the network / mask split, tiles, objects and peak resident memory are
@@ -21,9 +22,9 @@ written to benchmarks/results/bench_segment.json and .md.
 
 Weights: ``--model PATH`` (a cellplug or Cellpose ``.pth``); by default the bundled
 ``generalist`` model when installed, else random weights (``parity_backbone.make_weights``),
-whose masks are fragile and make the AP comparison weak. Images: brightfield dsb2018 images
-(1024 x 1024): 512² is the centre crop of ``1b44d226...``, 1024² that whole image, 2048² a
-2 x 2 mosaic of four of them. Data: ``$CELLPLUG_DATA`` or ``../shared/data``; skipped cleanly
+whose masks are fragile and make the AP comparison weak. Images: mosaics of 512 x 512 centre
+crops of the first (sorted) 520 x 696 dsb2018 fluorescence images: 1, 2 x 2 and 4 x 4 crops
+for 512², 1024² and 2048². Data: ``$CELLPLUG_DATA`` or ``../shared/data``; skipped cleanly
 when absent.
 
 Absolute seconds depend on the machine's load (say so when quoting them); ratios measured
@@ -35,6 +36,7 @@ in the same run are what this benchmark is for.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import os
@@ -50,26 +52,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MOSAIC = [
-    "1b44d22643830cd4f23c9deadb0bd499fb392fb2cd9526d81547d93077d983df",
-    "4e07a653352b30bb95b60ebc6c57afbc7215716224af731c51ff8d430788cd40",
-    "5e263abff938acba1c0cff698261c7c00c23d7376e3ceacc3d5d4a655216b16d",
-    "091944f1d2611c916b98c020bd066667e33f4639159b2a92407fe5a40788856d",
-]
+CROP = (slice(4, 516), slice(92, 604))  # the centre 512 x 512 of a 520 x 696 image
 MIN_AP = 0.98
 
 # name -> (engine, cellplug options, torch threads or None)
 CONFIGS = {
     "cellpose": ("cellpose", {}, None),
-    "cellplug-tiled": ("cellplug", {"tile": True, "precision": "fp32"}, None),
+    "cellplug fp32": ("cellplug", {"tile": True, "precision": "fp32"}, None),
     "cellplug": ("cellplug", {}, None),
+    "cellplug whole": ("cellplug", {"tile": "auto"}, None),
 }
 LEVERS = {
     "cellplug whole fp32": ("cellplug", {"tile": False, "precision": "fp32"}, None),
-    "cellplug tiled bf16": ("cellplug", {"tile": True, "precision": "bf16"}, None),
     "cellpose 1 thread": ("cellpose", {}, 1),
-    "cellplug-tiled 1 thread": ("cellplug", {"tile": True, "precision": "fp32"}, 1),
+    "cellplug fp32 1 thread": ("cellplug", {"tile": True, "precision": "fp32"}, 1),
     "cellplug 1 thread": ("cellplug", {}, 1),
+    "cellplug whole 1 thread": ("cellplug", {"tile": "auto"}, 1),
 }
 
 
@@ -78,17 +76,25 @@ def data_dir() -> Path:
     return Path(env) if env else (ROOT.parent / "shared" / "data")
 
 
+def mosaic_stems(folder: Path, n: int = 16) -> list[str]:
+    """The first ``n`` (sorted) 520 x 696 fluorescence images of dsb2018."""
+    with open(folder / "dsb2018" / "metadata.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    stems = sorted(r["stem"] for r in rows if (r["height"], r["width"], r["channels"]) ==
+                   ("520", "696", "1") and r["modality"] == "fluorescence")
+    return stems[:n]
+
+
 def make_image(size: int, folder: Path) -> np.ndarray:
-    """uint8 (size, size) brightfield image: crop, whole image or 2 x 2 mosaic."""
+    """uint8 (size, size): a mosaic of (size / 512)^2 centre crops of fluorescence images."""
     import tifffile
 
-    tiles = [tifffile.imread(folder / "dsb2018" / f"{s}.tif") for s in MOSAIC]
-    if size <= 1024:
-        off = (1024 - size) // 2
-        return np.ascontiguousarray(tiles[0][off : off + size, off : off + size])
-    if size == 2048:
-        return np.block([[tiles[0], tiles[1]], [tiles[2], tiles[3]]])
-    raise SystemExit(f"unsupported size {size} (512, 1024 or 2048)")
+    k = size // 512
+    if size % 512 or k < 1:
+        raise SystemExit(f"unsupported size {size} (a multiple of 512)")
+    stems = mosaic_stems(folder, k * k)
+    crops = [tifffile.imread(folder / "dsb2018" / f"{s}.tif")[CROP] for s in stems]
+    return np.ascontiguousarray(np.block([crops[r * k : (r + 1) * k] for r in range(k)]))
 
 
 # -- worker (one configuration, one image, own process) ------------------------------------
@@ -134,7 +140,7 @@ def worker(args: argparse.Namespace) -> None:
         n_tiles = result.n_tiles
         from cellplug.inference import resolve_precision
 
-        extra = {"precision": resolve_precision(opts.precision, opts.tile)}
+        extra = {"precision": resolve_precision(opts.precision)}
     np.save(args.masks_out, np.asarray(masks, dtype=np.uint32))
     out = {
         "seconds": total,
@@ -292,15 +298,17 @@ def main() -> int:
                      "flow_threshold": 0.4, "cellprob_threshold": 0.0,
                      "warm_up": "one call on a 256x256 crop before the timed call",
                      "threads": "torch default unless the configuration says 1 thread"},
-        "images": {"512": f"{MOSAIC[0]} centre crop", "1024": MOSAIC[0],
-                   "2048": "2x2 mosaic of " + ", ".join(MOSAIC)},
+        "images": {"kind": "mosaics of 512x512 centre crops (rows 4-515, cols 92-603) of "
+                           "520x696 dsb2018 fluorescence images, row-major",
+                   "stems": mosaic_stems(data_dir(), (max(args.sizes) // 512) ** 2)},
         "results": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_segment.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / "bench_segment.md").write_text(_markdown(doc))
     print(_markdown(doc))
-    bad = [r for r in rows if r["config"] == "cellplug" and r["ap50_vs_cellpose"] < MIN_AP]
+    bad = [r for r in rows if r["config"] in ("cellplug", "cellplug fp32")
+           and r["ap50_vs_cellpose"] < MIN_AP]
     if bad:
         print(f"bench_segment: default masks differ from Cellpose's (AP@0.5 < {MIN_AP}) at "
               + ", ".join(str(r["size"]) for r in bad))

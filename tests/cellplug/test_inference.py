@@ -94,10 +94,9 @@ def test_memory_estimate_scales_with_pixels_and_precision():
 
 def test_precision_resolution():
     assert inference.resolve_precision("fp32") == "fp32"
-    assert inference.resolve_precision("bf16", tile=True) == "bf16"
-    assert inference.resolve_precision("auto", tile=True) == "fp32"  # Cellpose-identical mode
+    assert inference.resolve_precision("bf16") == "bf16"
     expected = "bf16" if inference.bf16_supported() else "fp32"
-    assert inference.resolve_precision("auto", tile="auto") == expected
+    assert inference.resolve_precision("auto") == expected
     with pytest.raises(CellplugError, match="precision must be"):
         inference.resolve_precision("fp8")
 

@@ -64,10 +64,17 @@ def test_segments_a_real_image_end_to_end(segmenter, fluo):
     assert (result.cellprob[result.labels > 0] > 0).mean() > 0.9  # masks sit on cell pixels
 
 
-def test_default_options_whole_image_and_bf16(segmenter, fluo):
+def test_default_options_tiles_and_bf16(segmenter, fluo):
     opts = SegmentOptions()
-    assert (opts.tile, opts.precision) == ("auto", "auto")
-    assert segmenter.segment(fluo).labels.shape == fluo.shape
+    assert (opts.tile, opts.precision) == (True, "auto")
+    default = segmenter.segment(fluo, diameter=17.0)
+    exact = segmenter.segment(fluo, diameter=17.0, precision="fp32")
+    assert default.labels.shape == fluo.shape
+    # bfloat16 moves outputs by a few % of their spread at most
+    spread = exact.cellprob.std()
+    assert np.median(np.abs(default.cellprob - exact.cellprob)) < 0.05 * spread
+    auto = segmenter.segment(fluo, diameter=17.0, tile="auto")
+    assert auto.n_tiles == 1 and auto.labels.shape == fluo.shape
 
 
 def test_explicit_diameter_rescales_and_returns_the_original_size(segmenter, fluo):
