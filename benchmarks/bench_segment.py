@@ -23,8 +23,8 @@ written to benchmarks/results/bench_segment.json and .md.
 Weights: ``--model PATH`` (a cellplug or Cellpose ``.pth``); by default the bundled
 ``generalist`` model when installed, else random weights (``parity_backbone.make_weights``),
 whose masks are fragile and make the AP comparison weak. Images: mosaics of 512 x 512 centre
-crops of the first (sorted) 520 x 696 dsb2018 fluorescence images: 1, 2 x 2 and 4 x 4 crops
-for 512², 1024² and 2048². Data: ``$CELLPLUG_DATA`` or ``../shared/data``; skipped cleanly
+crops of the 520 x 696 dsb2018 fluorescence images with the most nuclei: 1, 2 x 2 and 4 x 4
+crops for 512², 1024² and 2048². Data: ``$CELLPLUG_DATA`` or ``../shared/data``; skipped cleanly
 when absent.
 
 Absolute seconds depend on the machine's load (say so when quoting them); ratios measured
@@ -77,12 +77,13 @@ def data_dir() -> Path:
 
 
 def mosaic_stems(folder: Path, n: int = 16) -> list[str]:
-    """The first ``n`` (sorted) 520 x 696 fluorescence images of dsb2018."""
+    """The ``n`` 520 x 696 fluorescence images of dsb2018 with the most objects (ties: stem)."""
     with open(folder / "dsb2018" / "metadata.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    stems = sorted(r["stem"] for r in rows if (r["height"], r["width"], r["channels"]) ==
-                   ("520", "696", "1") and r["modality"] == "fluorescence")
-    return stems[:n]
+    rows = [r for r in rows if (r["height"], r["width"], r["channels"]) == ("520", "696", "1")
+            and r["modality"] == "fluorescence"]
+    rows.sort(key=lambda r: (-int(r["n_objects"]), r["stem"]))
+    return [r["stem"] for r in rows[:n]]
 
 
 def make_image(size: int, folder: Path) -> np.ndarray:
@@ -233,6 +234,8 @@ def resolve_weights(arg: str | None, tmp: Path) -> tuple[str, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
+    ap.add_argument("--weights-note", default="", help="how the given weights were made")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the .md from a results .json")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--no-levers", action="store_true", help="skip the single-lever runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -245,6 +248,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return 0
+    if args.render:
+        doc = json.loads(Path(args.render).read_text())
+        (RESULTS / "bench_segment.md").write_text(_markdown(doc))
         return 0
     if not (data_dir() / "dsb2018").is_dir():
         print(f"bench_segment: skipped, no dsb2018 data under {data_dir()}")
@@ -293,13 +300,14 @@ def main() -> int:
         "wall_seconds": round(time.time() - started, 1),
         "versions": {"cellpose": cellpose.version, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
-        "weights": model_desc,
+        "weights": model_desc + (f"; {args.weights_note}" if args.weights_note else ""),
         "settings": {"channels": [0, 0], "diameter": "model diam_mean (rescale 1)",
                      "flow_threshold": 0.4, "cellprob_threshold": 0.0,
                      "warm_up": "one call on a 256x256 crop before the timed call",
                      "threads": "torch default unless the configuration says 1 thread"},
         "images": {"kind": "mosaics of 512x512 centre crops (rows 4-515, cols 92-603) of "
-                           "520x696 dsb2018 fluorescence images, row-major",
+                           "the 520x696 dsb2018 fluorescence images with the most objects, "
+                           "row-major",
                    "stems": mosaic_stems(data_dir(), (max(args.sizes) // 512) ** 2)},
         "results": rows,
     }
@@ -345,6 +353,22 @@ def _markdown(doc: dict) -> str:
             f"{r['n_tiles']} | {r['n_objects']} | {r['ap50_vs_cellpose']:.4f} | "
             f"{r['speedup_vs_cellpose']:.2f}x | {r['peak_rss_mb']:.0f} |"
         )
+    lines += ["", "## Summary (computed from the table)", ""]
+    by = {(r["size"], r["config"]): r for r in doc["results"]}
+    for size in sorted({r["size"] for r in doc["results"]}):
+        equal = [r for r in doc["results"] if r["size"] == size and r["engine"] == "cellplug"
+                 and "thread" not in r["config"] and r["ap50_vs_cellpose"] >= MIN_AP]
+        if equal:
+            best = max(equal, key=lambda r: r["speedup_vs_cellpose"])
+            lines.append(f"- {size}²: fastest cellplug setting with equal masks (AP@0.5 >= "
+                         f"{MIN_AP}) at default threads: {best['config']}, "
+                         f"{best['speedup_vs_cellpose']:.2f}x Cellpose")
+    one_cp, one_us = by.get((1024, "cellpose 1 thread")), by.get((1024, "cellplug 1 thread"))
+    if one_cp and one_us:
+        lines.append(f"- 1024², both with one torch thread: cellplug {one_us['seconds']:.2f} s "
+                     f"vs Cellpose {one_cp['seconds']:.2f} s = "
+                     f"{one_cp['seconds'] / one_us['seconds']:.2f}x (AP@0.5 "
+                     f"{one_us['ap50_vs_cellpose']:.4f})")
     return "\n".join(lines) + "\n"
 
 
