@@ -235,6 +235,22 @@ def _write_outputs(path: Path, out_dir: Path | None, image, result, save) -> lis
 
 
 # -- train -------------------------------------------------------------------------------
+def _sampling_groups(src: Path, column: str | None) -> dict[str, str]:
+    """stem -> "<source>/<value of column>" from the source's metadata.csv ({} if none)."""
+    if column is None:
+        return {}
+    meta = src / "metadata.csv"
+    if not meta.is_file():
+        raise CellplugError(f"{src}: --group-by needs a metadata.csv in the source folder")
+    import csv
+
+    with open(meta, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and ("stem" not in rows[0] or column not in rows[0]):
+        raise CellplugError(f"{meta}: needs columns 'stem' and {column!r}")
+    return {r["stem"]: f"{src.name}/{r[column]}" for r in rows}
+
+
 def _is_val(stem: str, fraction: float, seed: int) -> bool:
     h = int(hashlib.sha1(f"{seed}:{stem}".encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < fraction
@@ -264,7 +280,10 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.option("--images-per-epoch", type=int, default=None)
 @click.option("--sampling", type=click.Choice(["uniform", "sqrt"]), default="uniform",
               show_default=True,
-              help="sqrt: each source drawn in proportion to the square root of its size.")
+              help="sqrt: each group drawn in proportion to the square root of its size.")
+@click.option("--group-by", "group_column", default=None, metavar="COLUMN",
+              help="Sampling groups from COLUMN of each source's metadata.csv (default: one "
+                   "group per source).")
 @click.option("--eval-every", type=int, default=10, show_default=True)
 @click.option("--eval-images", type=int, default=None,
               help="Validation images scored per evaluation.")
@@ -281,7 +300,8 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, source_name: str | None,
           val_list: Path | None, val_fraction: float, epochs: int, batch_size: int, patch: int,
           learning_rate: float, weight_decay: float, warmup_epochs: int, diam_mean: float,
-          images_per_epoch: int | None, sampling: str, eval_every: int, eval_images: int | None,
+          images_per_epoch: int | None, sampling: str, group_column: str | None,
+          eval_every: int, eval_images: int | None,
           checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, bf16: bool,
           threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
           quiet: bool) -> None:
@@ -312,16 +332,20 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
             is_val = [_is_val(a.stem, val_fraction, seed) for a in anns]
         tr = [a for a, v in zip(anns, is_val, strict=True) if not v]
         va = [a for a, v in zip(anns, is_val, strict=True) if v]
-        group = src.name
-        train_s += prepare_samples(tr, decoder, config.channels, 2, group,
-                                   config.min_train_masks, not quiet)
-        val_s += prepare_samples(va, decoder, config.channels, 2, group, 1, not quiet)
+        groups = _sampling_groups(src, group_column)
+        for group in sorted({groups.get(a.stem, src.name) for a in anns}):
+            tr_g = [a for a in tr if groups.get(a.stem, src.name) == group]
+            va_g = [a for a in va if groups.get(a.stem, src.name) == group]
+            train_s += prepare_samples(tr_g, decoder, config.channels, 2, group,
+                                       config.min_train_masks, not quiet)
+            val_s += prepare_samples(va_g, decoder, config.channels, 2, group, 1, not quiet)
         described.append({"source": str(src), "n_train": len(tr), "n_val": len(va)})
         click.echo(f"{src}: {len(tr)} training, {len(va)} validation images", err=True)
     result = run_training(
         train_s, val_s, out_path, config, base_model=base, registry=registry,
         checkpoint_dir=checkpoint_dir, resume=resume, progress=not quiet,
-        data_description={"sources": described, "val_list": str(val_list) if val_list else None},
+        data_description={"sources": described, "val_list": str(val_list) if val_list else None,
+                          "groups": sorted({t.group for t in train_s})},
         log_fn=lambda m: click.echo(m, err=True),
     )
     click.echo(f"saved {result.model_path}")
