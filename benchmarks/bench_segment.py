@@ -11,7 +11,9 @@ crop (one-time costs such as numba compilation and MKL-DNN set-up are excluded):
   with native bfloat16);
 - ``cellplug whole``: ``tile="auto"`` (one whole-image pass when it fits in memory), bf16;
 
-and at 1024² the single levers: whole image in float32, and one torch thread for each.
+and at 1024² the single levers: whole image in float32, OpenMP's wait policy (cellplug sets
+``OMP_WAIT_POLICY=PASSIVE`` unless set; "spinning" forces ``ACTIVE``, the OpenMP default,
+and Cellpose is also run with ``PASSIVE``), and one torch thread for each.
 Every run uses the same settings: channels [0, 0], diameter = the model's ``diam_mean``
 (rescale 1, so no resizing), flow threshold 0.4, cell-probability threshold 0, torch's
 default thread count unless stated.
@@ -50,24 +52,28 @@ from pathlib import Path
 
 import numpy as np
 
+# cellplug sets OMP_WAIT_POLICY on import; workers get the environment the user started with
+_USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CROP = (slice(4, 516), slice(92, 604))  # the centre 512 x 512 of a 520 x 696 image
 MIN_AP = 0.98
 
-# name -> (engine, cellplug options, torch threads or None)
+# name -> (engine, cellplug options, torch threads or None, extra environment)
 CONFIGS = {
-    "cellpose": ("cellpose", {}, None),
-    "cellplug fp32": ("cellplug", {"tile": True, "precision": "fp32"}, None),
-    "cellplug": ("cellplug", {}, None),
-    "cellplug whole": ("cellplug", {"tile": "auto"}, None),
+    "cellpose": ("cellpose", {}, None, {}),
+    "cellplug fp32": ("cellplug", {"tile": True, "precision": "fp32"}, None, {}),
+    "cellplug": ("cellplug", {}, None, {}),
+    "cellplug whole": ("cellplug", {"tile": "auto"}, None, {}),
 }
 LEVERS = {
-    "cellplug whole fp32": ("cellplug", {"tile": False, "precision": "fp32"}, None),
-    "cellpose 1 thread": ("cellpose", {}, 1),
-    "cellplug fp32 1 thread": ("cellplug", {"tile": True, "precision": "fp32"}, 1),
-    "cellplug 1 thread": ("cellplug", {}, 1),
-    "cellplug whole 1 thread": ("cellplug", {"tile": "auto"}, 1),
+    "cellplug whole fp32": ("cellplug", {"tile": False, "precision": "fp32"}, None, {}),
+    "cellplug spinning omp": ("cellplug", {}, None, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "cellpose passive omp": ("cellpose", {}, None, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "cellpose 1 thread": ("cellpose", {}, 1, {}),
+    "cellplug fp32 1 thread": ("cellplug", {"tile": True, "precision": "fp32"}, 1, {}),
+    "cellplug 1 thread": ("cellplug", {}, 1, {}),
+    "cellplug whole 1 thread": ("cellplug", {"tile": "auto"}, 1, {}),
 }
 
 
@@ -100,6 +106,8 @@ def make_image(size: int, folder: Path) -> np.ndarray:
 
 # -- worker (one configuration, one image, own process) ------------------------------------
 def worker(args: argparse.Namespace) -> None:
+    if args.engine == "cellplug":  # as in the CLI: cellplug is imported before torch
+        import cellplug.segmenter  # noqa: F401
     import torch
 
     if args.threads:
@@ -196,18 +204,22 @@ def _rss_mb() -> float:
 
 # -- driver ----------------------------------------------------------------------------------
 def run_config(name: str, spec, size: int, model: str, tmp: Path) -> dict:
-    engine, options, threads = spec
+    engine, options, threads, env = spec
     stem = tmp / f"{name.replace(' ', '_')}_{size}"
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--size", str(size),
            "--model", model, "--options", json.dumps(options),
            "--masks-out", f"{stem}.npy", "--result-out", f"{stem}.json"]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    child = dict(os.environ)
+    child.pop("OMP_WAIT_POLICY", None)
+    if _USER_OMP_WAIT_POLICY is not None:
+        child["OMP_WAIT_POLICY"] = _USER_OMP_WAIT_POLICY
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**child, **env})
     if proc.returncode != 0:
         raise SystemExit(f"{name} at {size}: worker failed\n{proc.stderr[-3000:]}")
     res = json.loads(Path(f"{stem}.json").read_text())
-    res.update(config=name, size=size, engine=engine, options=options)
+    res.update(config=name, size=size, engine=engine, options=options, environment=env)
     return res
 
 
