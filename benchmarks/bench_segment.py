@@ -381,6 +381,11 @@ def _markdown(doc: dict) -> str:
                      f"vs Cellpose {one_cp['seconds']:.2f} s = "
                      f"{one_cp['seconds'] / one_us['seconds']:.2f}x (AP@0.5 "
                      f"{one_us['ap50_vs_cellpose']:.4f})")
+    passive, ours = by.get((1024, "cellpose passive omp")), by.get((1024, "cellplug"))
+    if passive and ours:
+        lines.append(f"- 1024², both with passive OpenMP threads: cellplug {ours['seconds']:.2f} s "
+                     f"vs Cellpose {passive['seconds']:.2f} s = "
+                     f"{passive['seconds'] / ours['seconds']:.2f}x")
     return "\n".join(lines) + "\n"
 
 
