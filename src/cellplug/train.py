@@ -477,18 +477,31 @@ def fit_size_model(
     return SizeModel(A, smean, ymean, diam_mean)
 
 
-def style_centroid(net: Any, samples: Sequence[Sample]) -> np.ndarray:
-    """Mean (L2-normalised) style of the training images at ``diam_mean`` scale."""
+def style_centroid(
+    net: Any, samples: Sequence[Sample], max_images: int = 200, crop: int = 224, seed: int = 0
+) -> np.ndarray:
+    """Mean (L2-normalised) style of the training images at ``diam_mean`` scale.
+
+    Each image (at most ``max_images``, drawn with ``seed``) is rescaled so its objects have
+    the model's ``diam_mean`` and its central ``crop`` x ``crop`` region (one tile) is run once.
+    """
     import torch
 
-    from .inference import run_network
+    from . import tiling
 
     dm = float(net.diam_mean.item())
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(samples))[:max_images]
     styles = []
-    for s in samples:
+    for i in chosen:
+        s = samples[i]
         x = transforms.resize(s.x, transforms.rescaled_shape(s.x.shape[1:], dm / s.diameter))
+        y0 = max(0, (x.shape[1] - crop) // 2)
+        x0 = max(0, (x.shape[2] - crop) // 2)
+        x, _ = tiling.pad_image(x[:, y0 : y0 + crop, x0 : x0 + crop])
         with torch.inference_mode():
-            styles.append(run_network(net, x).style)
+            _, st = net(torch.from_numpy(np.ascontiguousarray(x[None])))
+        styles.append(st[0].float().numpy())
     c = np.mean(styles, axis=0)
     return (c / np.linalg.norm(c)).astype(np.float32)
 
