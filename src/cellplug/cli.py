@@ -142,8 +142,14 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.option("--min-size", type=int, default=15, show_default=True)
 @click.option("--niter", type=int, default=None,
               help="Dynamics steps (default: 200 x diameter / diam_mean).")
-@click.option("--tile/--no-tile", default=True, show_default=True,
-              help="Tiled (Cellpose-identical) or whole-image network pass.")
+@click.option("--tile", "tile", type=click.Choice(["on", "off", "auto"]), default="on",
+              show_default=True,
+              help="on: Cellpose's 224 px tiles; off: one whole-image pass (faster, masks can "
+                   "differ); auto: whole image when it fits in memory.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True,
+              help="auto: bfloat16 where the CPU has it natively, else float32. "
+                   "--tile on --precision fp32 reproduces Cellpose exactly.")
 @click.option("--augment", is_flag=True, help="Flip test-time augmentation.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--save", "save", multiple=True, type=click.Choice(SAVE_CHOICES),
@@ -154,8 +160,8 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None,
             diameter: float, channels: tuple[int, int], invert: bool, flow_threshold: float,
-            cellprob_threshold: float, min_size: int, niter: int | None, tile: bool,
-            augment: bool, batch_size: int, save: tuple[str, ...], as_json: bool,
+            cellprob_threshold: float, min_size: int, niter: int | None, tile: str,
+            precision: str, augment: bool, batch_size: int, save: tuple[str, ...], as_json: bool,
             threads: int | None, quiet: bool) -> None:
     """Segment images (files or folders) and write <stem>_masks.tif for each."""
     from tqdm import tqdm
@@ -167,7 +173,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
         raise click.BadParameter("must be >= 0", param_hint="--diameter")
     files = io.list_images(list(inputs))
     opts = SegmentOptions(
-        diameter=diameter, channels=_channels(channels), invert=invert, tile=tile, augment=augment,
+        diameter=diameter, channels=_channels(channels), invert=invert,
+        tile={"on": True, "off": False}.get(tile, tile), precision=precision, augment=augment,
         batch_size=batch_size, niter=niter, cellprob_threshold=cellprob_threshold,
         flow_threshold=flow_threshold, min_size=min_size,
     )
