@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import tempfile
 import time
@@ -23,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CELLPLUG_DATA", ROOT.parent / "shared" / "data"))
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO as ROOT  # noqa: E402
+from _common import RESULTS, data_root  # noqa: E402
+
+DATA = data_root()
 TOLERANCE = 0.01
 
 
