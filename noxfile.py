@@ -50,6 +50,10 @@ def parity(session: nox.Session) -> None:
     scripts = session.posargs or sorted(glob.glob("benchmarks/parity_*.py"))
     for script in scripts:
         session.run("python", script)
+    if not session.posargs:  # the unit tests that compare against Cellpose directly
+        session.install("pytest")
+        session.run("pytest", "-q", "-rs", "tests/cellplug/test_tiling.py",
+                    "tests/plugins/cellplug_unet/test_network.py")
 
 
 @nox.session
