@@ -93,6 +93,18 @@ def _count_objects(labels: np.ndarray) -> np.ndarray:
     return counts[counts > 0]
 
 
+def remove_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop objects of fewer than ``min_size`` pixels from (Y, X) labels and renumber 1..N."""
+    if min_size <= 0 or labels.size == 0:
+        return labels
+    counts = np.bincount(labels.ravel())
+    keep = counts >= min_size
+    keep[0] = False
+    lut = np.zeros(counts.size, labels.dtype)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
+    return lut[labels]
+
+
 def median_diameter(labels: np.ndarray) -> float:
     """Median object diameter (diameter of the disk of the same area), 0 if none."""
     counts = _count_objects(labels)
@@ -169,15 +181,24 @@ class Segmenter:
 
     def reconstruct(
         self, flows: np.ndarray, cellprob: np.ndarray, niter: int, opts: SegmentOptions,
-        **extra: Any,
+        shape: tuple[int, int] | None = None, **extra: Any,
     ) -> np.ndarray:
-        """Labels uint32 (Y, X) from flows float32 (2, Y, X) and cellprob float32 (Y, X)."""
+        """Labels uint32 (Y, X) from flows float32 (2, Y', X') and cellprob float32 (Y', X').
+
+        With ``shape`` different from the maps' size, labels are resized (nearest) to
+        ``shape`` and ``opts.min_size`` applies at that size, as Cellpose does.
+        """
+        resize = shape is not None and tuple(shape) != cellprob.shape
         labels = self.reconstructor(
             flows, cellprob, niter=niter, cellprob_threshold=opts.cellprob_threshold,
-            flow_threshold=opts.flow_threshold, min_size=opts.min_size,
+            flow_threshold=opts.flow_threshold, min_size=0 if resize else opts.min_size,
             max_size_fraction=opts.max_size_fraction, **extra,
         )
-        return np.asarray(labels, dtype=np.uint32)
+        labels = np.asarray(labels, dtype=np.uint32)
+        if resize:
+            labels = remove_small_objects(transforms.resize(labels, shape, nearest=True),
+                                          opts.min_size)
+        return labels
 
     def estimate_diameter(self, image: np.ndarray, opts: SegmentOptions | None = None) -> float:
         """Object diameter (pixels) of ``image`` (Y, X[, C]), as Cellpose's size model does it.
@@ -205,9 +226,8 @@ class Segmenter:
         raw, _, _ = self.network(prepared, rescale, opts, resample=False)
         flows, cellprob = self.decoder.decode(raw)
         # Cellpose runs these dynamics without interpolation; reconstructors may ignore it
-        labels = self.reconstruct(flows, cellprob, 200, opts, interp=False)
-        if labels.shape != prepared.shape[1:]:
-            labels = transforms.resize(labels, prepared.shape[1:], nearest=True)
+        labels = self.reconstruct(flows, cellprob, 200, opts, shape=prepared.shape[1:],
+                                  interp=False)
         d = median_diameter(labels)
         return d if d > 0 and np.isfinite(d) else dm
 
@@ -248,9 +268,7 @@ class Segmenter:
         # as Cellpose: 200 steps at the network's scale, i.e. 200 / rescale at the original
         niter = opts.niter or int(np.float64(1.0 / rescale * 200.0) if opts.resample else 200)
         t2 = time.perf_counter()
-        labels = self.reconstruct(flows, cellprob, niter, opts)
-        if labels.shape != prepared.shape[1:]:
-            labels = transforms.resize(labels, prepared.shape[1:], nearest=True)
+        labels = self.reconstruct(flows, cellprob, niter, opts, shape=prepared.shape[1:])
         timings["masks"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Segmentation(labels, flows, cellprob, style, float(diameter), timings, n_tiles)

@@ -11,7 +11,7 @@ from cellplug.errors import CellplugError
 from cellplug.inference import run_network
 from cellplug.models import SizeModel, save_model
 from cellplug.plugins import get_registry
-from cellplug.segmenter import Segmenter, SegmentOptions, median_diameter
+from cellplug.segmenter import Segmenter, SegmentOptions, median_diameter, remove_small_objects
 from cellplug.transforms import prepare_image
 
 
@@ -23,9 +23,13 @@ def _tiny_model(folder, image, metadata, seed=0):
     features into a flow field with sinks, i.e. masks, on ``image``.
     """
     torch.manual_seed(seed)
-    net = get_registry().get("backbone", "cellpose-unet")(
-        n_channels=2, n_outputs=3, nbase=(8, 16, 32, 64), diam_mean=17.0
-    ).eval()
+    net = (
+        get_registry()
+        .get("backbone", "cellpose-unet")(
+            n_channels=2, n_outputs=3, nbase=(8, 16, 32, 64), diam_mean=17.0
+        )
+        .eval()
+    )
     raw = run_network(net, prepare_image(image), tile=False, precision="fp32").raw
     mean, std = raw.reshape(3, -1).mean(axis=1), raw.reshape(3, -1).std(axis=1)
     scale = torch.tensor([5.0, 5.0, 3.0]) / torch.from_numpy(std)
@@ -120,8 +124,9 @@ def test_bad_options(segmenter, fluo):
 def test_size_model_estimates_the_diameter(tmp_path, fluo):
     rng = np.random.default_rng(0)
     size = SizeModel(rng.normal(0, 0.05, 64), rng.normal(0, 0.05, 64), 0.1, 17.0)
-    path = _tiny_model(tmp_path, fluo, {"diam_mean": 17.0, "diam_labels": 17.0,
-                                        "size_model": size.to_dict()})
+    path = _tiny_model(
+        tmp_path, fluo, {"diam_mean": 17.0, "diam_labels": 17.0, "size_model": size.to_dict()}
+    )
     seg = Segmenter.from_model(str(path), threads=1)
     before = torch.get_num_threads()
     result = seg.segment(fluo, tile=True)
@@ -142,3 +147,35 @@ def test_median_diameter_of_disks():
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 10**2] = k
     assert median_diameter(labels) == pytest.approx(20.0, rel=0.03)
     assert median_diameter(np.zeros((5, 5), np.int32)) == 0.0
+
+
+def test_remove_small_objects_renumbers():
+    labels = np.zeros((10, 10), np.uint32)
+    labels[0:4, 0:4] = 5  # 16 px
+    labels[6:8, 6:8] = 9  # 4 px
+    labels[0:1, 8:10] = 2  # 2 px
+    out = remove_small_objects(labels, 4)
+    assert sorted(np.unique(out)) == [0, 1, 2]
+    assert (out[0:4, 0:4] == 1).all() and (out[6:8, 6:8] == 2).all() and out[0, 9] == 0
+    assert remove_small_objects(labels, 0) is labels
+
+
+def test_labels_made_at_a_smaller_scale_are_filtered_at_the_original_size(segmenter):
+    """As Cellpose: min_size applies after the labels are resized back, not before."""
+    seen = {}
+
+    def stub(flows, cellprob, **params):
+        seen.update(params)
+        labels = np.zeros(cellprob.shape, np.uint32)
+        labels[2:5, 2:5] = 7  # 9 px here, 36 px at twice the size
+        labels[10, 10] = 3  # 1 px here, 4 px at twice the size
+        return labels
+
+    seg = Segmenter(segmenter.model, segmenter.net, segmenter.decoder, stub)
+    flows, cellprob = np.zeros((2, 20, 20), np.float32), np.zeros((20, 20), np.float32)
+    opts = SegmentOptions(min_size=15)
+    out = seg.reconstruct(flows, cellprob, 200, opts, shape=(40, 40))
+    assert seen["min_size"] == 0
+    assert out.shape == (40, 40) and out.max() == 1 and (out == 1).sum() == 36
+    same = seg.reconstruct(flows, cellprob, 200, opts)
+    assert seen["min_size"] == 15 and same.shape == (20, 20)
