@@ -370,6 +370,7 @@ def _eval_inputs(inputs: tuple[Path, ...], suffix: str) -> list[tuple[str, Path,
         if item.is_dir():
             files = sorted(f for f in item.iterdir() if f.is_file() and io.is_image_path(f)
                            and not f.name.startswith("."))
+            files = [f for f in files if not f.stem.endswith(io.EXTRA_OUTPUT_SUFFIXES)]
             images = [f for f in files if not f.stem.endswith(suffix)]
             if images:
                 out += [(f.stem, f, False) for f in io.list_images([item])]

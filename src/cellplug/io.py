@@ -23,6 +23,7 @@ from .errors import InputError
 TIFF_SUFFIXES = (".tif", ".tiff")
 OTHER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + OTHER_SUFFIXES
+EXTRA_OUTPUT_SUFFIXES = ("_flows", "_overlay", "_cellprob")  # what `segment --save` adds
 MAX_CHANNELS = 8  # more than this along a channel-like axis is treated as a stack, not colour
 
 
@@ -312,7 +313,7 @@ def list_images(
                 and is_image_path(f)
                 and not f.name.startswith(".")
                 and not any(f.stem.endswith(s) for s in exclude_suffixes)
-                and not f.stem.endswith(("_flows", "_overlay", "_cellprob"))
+                and not f.stem.endswith(EXTRA_OUTPUT_SUFFIXES)
             )
             if not files:
                 raise InputError(p, "directory contains no image files")

@@ -134,3 +134,13 @@ def test_eval_missing_ground_truth_is_an_error(tmp_path, data_dir):
     r = CliRunner().invoke(main, ["eval", str(pred), "--masks", str(data_dir), "-q"])
     assert r.exit_code == 1
     assert "nothere" in r.output and "ground truth" in r.output
+
+
+def test_eval_a_segment_output_folder(tmp_path, data_dir):
+    """The folder `segment --save overlay flows` wrote is read as predictions (extras ignored)."""
+    out = _predictions(tmp_path, data_dir)
+    tifffile.imwrite(out / "dsb2018_fluo_flows.tif", np.zeros((2, 160, 160), np.float32))
+    (out / "dsb2018_fluo_overlay.png").write_bytes(b"\x89PNG not really")
+    r = CliRunner().invoke(main, ["eval", str(out), "--masks", str(data_dir), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "overall" in r.output
