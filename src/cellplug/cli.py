@@ -346,12 +346,12 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
             train_s += prepare_samples(tr_g, decoder, config.channels, 2, group,
                                        config.min_train_masks, not quiet)
             val_s += prepare_samples(va_g, decoder, config.channels, 2, group, 1, not quiet)
-        described.append({"source": str(src), "n_train": len(tr), "n_val": len(va)})
+        described.append({"source": src.resolve().name, "n_train": len(tr), "n_val": len(va)})
         click.echo(f"{src}: {len(tr)} training, {len(va)} validation images", err=True)
     result = run_training(
         train_s, val_s, out_path, config, base_model=base, registry=registry,
         checkpoint_dir=checkpoint_dir, resume=resume, progress=not quiet,
-        data_description={"sources": described, "val_list": str(val_list) if val_list else None,
+        data_description={"sources": described, "val_list": val_list.name if val_list else None,
                           "groups": sorted({t.group for t in train_s})},
         log_fn=lambda m: click.echo(m, err=True),
     )
