@@ -10,7 +10,7 @@ mkdir -p "$run"
 exec cellplug train "$data/dsb2018" "$data/usiigaci_phc" \
   --val-list "$here/val_stems.txt" \
   --out "$run/generalist.pth" \
-  --epochs 200 --patch 128 --diam-mean 17 --batch-size 8 \
+  --epochs 150 --patch 128 --diam-mean 17 --batch-size 8 \
   --learning-rate 0.005 --weight-decay 1e-5 --warmup-epochs 10 \
   --sampling sqrt --group-by modality \
   --bf16 --seed 0 \
