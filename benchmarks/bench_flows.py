@@ -124,7 +124,10 @@ def jit_times() -> dict:
         for run in ("empty_cache", "filled_cache"):
             res = subprocess.run(
                 [sys.executable, "-c", JIT_CODE.format(here=str(HERE))],
-                env=env, capture_output=True, text=True, check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             r = json.loads(res.stdout.strip().splitlines()[-1])
             r["jit_m2f"] = r["first_m2f"] - r["second_m2f"]
@@ -177,7 +180,9 @@ def peak_memory(n: int) -> dict:
         del labels
         res = subprocess.run(
             [sys.executable, "-c", MEM_CODE.format(), str(f), str(c)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     r = json.loads(res.stdout.strip().splitlines()[-1])
     r["size"] = n
@@ -285,28 +290,36 @@ def main() -> int:
         "note": args.note,
         "sizes": [],
     }
-    print(f"{'size':>6} {'objects':>8} | {'m2f ours':>9} {'cellpose':>9} {'ratio':>6} | "
-          f"{'f2m ours':>9} {'cellpose':>9} {'ratio':>6}")
+    print(
+        f"{'size':>6} {'objects':>8} | {'m2f ours':>9} {'cellpose':>9} {'ratio':>6} | "
+        f"{'f2m ours':>9} {'cellpose':>9} {'ratio':>6}"
+    )
     for n in args.sizes:
         r = bench_size(n, REPEATS.get(n, 1), dynamics)
         res["sizes"].append(r)
         s = r["seconds"]
-        print(f"{n:>6} {r['objects']:>8} | {s['ours_m2f']:>9.3f} {s['cellpose_m2f']:>9.3f} "
-              f"{r['ratio_m2f']:>5.1f}x | {s['ours_f2m']:>9.3f} {s['cellpose_f2m']:>9.3f} "
-              f"{r['ratio_f2m']:>5.1f}x", flush=True)
+        print(
+            f"{n:>6} {r['objects']:>8} | {s['ours_m2f']:>9.3f} {s['cellpose_m2f']:>9.3f} "
+            f"{r['ratio_m2f']:>5.1f}x | {s['ours_f2m']:>9.3f} {s['cellpose_f2m']:>9.3f} "
+            f"{r['ratio_f2m']:>5.1f}x",
+            flush=True,
+        )
     res["jit"] = jit_times()
     j = res["jit"]["empty_cache"]
-    print(f"JIT (empty cache): masks->flows {j['jit_m2f']:.1f} s, flows->masks "
-          f"{j['jit_f2m']:.1f} s, import {j['import']:.1f} s", flush=True)
+    print(
+        f"JIT (empty cache): masks->flows {j['jit_m2f']:.1f} s, flows->masks "
+        f"{j['jit_f2m']:.1f} s, import {j['import']:.1f} s",
+        flush=True,
+    )
     if not args.no_memory:
         res["memory"] = mem = peak_memory(MEMORY_SIZE)
-        print(f"peak memory flows->masks {MEMORY_SIZE}^2: "
-              f"{mem['peak_minus_baseline'] / 2**20:.0f} MiB above baseline "
-              f"(process peak {mem['peak_rss'] / 2**20:.0f} MiB, {mem['seconds']:.1f} s)")
+        print(
+            f"peak memory flows->masks {MEMORY_SIZE}^2: "
+            f"{mem['peak_minus_baseline'] / 2**20:.0f} MiB above baseline "
+            f"(process peak {mem['peak_rss'] / 2**20:.0f} MiB, {mem['seconds']:.1f} s)"
+        )
     res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["goal_met"] = all(
-        min(r["ratio_m2f"], r["ratio_f2m"]) >= GOAL for r in res["sizes"]
-    )
+    res["goal_met"] = all(min(r["ratio_m2f"], r["ratio_f2m"]) >= GOAL for r in res["sizes"])
     write_json(args.out, res)
     if "memory" in res and args.out.suffix == ".json":
         args.out.with_suffix(".md").write_text(markdown(res))

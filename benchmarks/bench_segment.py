@@ -86,8 +86,12 @@ def mosaic_stems(folder: Path, n: int = 16) -> list[str]:
     """The ``n`` 520 x 696 fluorescence images of dsb2018 with the most objects (ties: stem)."""
     with open(folder / "dsb2018" / "metadata.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    rows = [r for r in rows if (r["height"], r["width"], r["channels"]) == ("520", "696", "1")
-            and r["modality"] == "fluorescence"]
+    rows = [
+        r
+        for r in rows
+        if (r["height"], r["width"], r["channels"]) == ("520", "696", "1")
+        and r["modality"] == "fluorescence"
+    ]
     rows.sort(key=lambda r: (-int(r["n_objects"]), r["stem"]))
     return [r["stem"] for r in rows[:n]]
 
@@ -122,8 +126,9 @@ def worker(args: argparse.Namespace) -> None:
         model = cp_models.CellposeModel(pretrained_model=args.model)
         diameter = float(model.diam_mean)
         _time_methods(model, timings)
-        kwargs = dict(channels=[0, 0], diameter=diameter, flow_threshold=0.4,
-                      cellprob_threshold=0.0)
+        kwargs = dict(
+            channels=[0, 0], diameter=diameter, flow_threshold=0.4, cellprob_threshold=0.0
+        )
         model.eval(warm, **kwargs)
         timings.clear()
         rss0 = _rss_mb()
@@ -137,8 +142,13 @@ def worker(args: argparse.Namespace) -> None:
 
         seg = Segmenter.from_model(args.model, threads=args.threads)
         diameter = seg.model.diam_mean
-        opts = SegmentOptions(diameter=diameter, channels=(0, 0), flow_threshold=0.4,
-                              cellprob_threshold=0.0, **options)
+        opts = SegmentOptions(
+            diameter=diameter,
+            channels=(0, 0),
+            flow_threshold=0.4,
+            cellprob_threshold=0.0,
+            **options,
+        )
         seg.segment(warm, opts)
         rss0 = _rss_mb()
         t0 = time.perf_counter()
@@ -206,9 +216,23 @@ def _rss_mb() -> float:
 def run_config(name: str, spec, size: int, model: str, tmp: Path) -> dict:
     engine, options, threads, env = spec
     stem = tmp / f"{name.replace(' ', '_')}_{size}"
-    cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--size", str(size),
-           "--model", model, "--options", json.dumps(options),
-           "--masks-out", f"{stem}.npy", "--result-out", f"{stem}.json"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--engine",
+        engine,
+        "--size",
+        str(size),
+        "--model",
+        model,
+        "--options",
+        json.dumps(options),
+        "--masks-out",
+        f"{stem}.npy",
+        "--result-out",
+        f"{stem}.json",
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     child = dict(os.environ)
@@ -290,13 +314,19 @@ def main() -> int:
             for name, spec in configs.items():
                 res = run_config(name, spec, size, model, tmp)
                 rows.append(res)
-                print(f"{size:>5}  {name:<24} {res['seconds']:7.2f} s  network "
-                      f"{_fmt(res['network_seconds'])}  masks {_fmt(res['masks_seconds'])}  "
-                      f"tiles {res['n_tiles']:>3}  objects {res['n_objects']:>5}  "
-                      f"peak {res['peak_rss_mb']:7.0f} MB", flush=True)
+                print(
+                    f"{size:>5}  {name:<24} {res['seconds']:7.2f} s  network "
+                    f"{_fmt(res['network_seconds'])}  masks {_fmt(res['masks_seconds'])}  "
+                    f"tiles {res['n_tiles']:>3}  objects {res['n_objects']:>5}  "
+                    f"peak {res['peak_rss_mb']:7.0f} MB",
+                    flush=True,
+                )
         # masks against Cellpose's (the reference at each size)
-        ref = {r["size"]: np.load(tmp / f"cellpose_{r['size']}.npy")
-               for r in rows if r["config"] == "cellpose"}
+        ref = {
+            r["size"]: np.load(tmp / f"cellpose_{r['size']}.npy")
+            for r in rows
+            if r["config"] == "cellpose"
+        }
         for r in rows:
             masks = np.load(tmp / f"{r['config'].replace(' ', '_')}_{r['size']}.npy")
             r["ap50_vs_cellpose"] = float(average_precision(ref[r["size"]], masks, [0.5])[0])
@@ -310,28 +340,43 @@ def main() -> int:
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.time() - started, 1),
-        "versions": {"cellpose": cellpose.version, "torch": torch.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
+        "versions": {
+            "cellpose": cellpose.version,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
         "weights": model_desc + (f"; {args.weights_note}" if args.weights_note else ""),
-        "settings": {"channels": [0, 0], "diameter": "model diam_mean (rescale 1)",
-                     "flow_threshold": 0.4, "cellprob_threshold": 0.0,
-                     "warm_up": "one call on a 256x256 crop before the timed call",
-                     "threads": "torch default unless the configuration says 1 thread"},
-        "images": {"kind": "mosaics of 512x512 centre crops (rows 4-515, cols 92-603) of "
-                           "the 520x696 dsb2018 fluorescence images with the most objects, "
-                           "row-major",
-                   "stems": mosaic_stems(data_dir(), (max(args.sizes) // 512) ** 2)},
+        "settings": {
+            "channels": [0, 0],
+            "diameter": "model diam_mean (rescale 1)",
+            "flow_threshold": 0.4,
+            "cellprob_threshold": 0.0,
+            "warm_up": "one call on a 256x256 crop before the timed call",
+            "threads": "torch default unless the configuration says 1 thread",
+        },
+        "images": {
+            "kind": "mosaics of 512x512 centre crops (rows 4-515, cols 92-603) of "
+            "the 520x696 dsb2018 fluorescence images with the most objects, "
+            "row-major",
+            "stems": mosaic_stems(data_dir(), (max(args.sizes) // 512) ** 2),
+        },
         "results": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_segment.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / "bench_segment.md").write_text(_markdown(doc))
     print(_markdown(doc))
-    bad = [r for r in rows if r["config"] in ("cellplug", "cellplug fp32")
-           and r["ap50_vs_cellpose"] < MIN_AP]
+    bad = [
+        r
+        for r in rows
+        if r["config"] in ("cellplug", "cellplug fp32") and r["ap50_vs_cellpose"] < MIN_AP
+    ]
     if bad:
-        print(f"bench_segment: default masks differ from Cellpose's (AP@0.5 < {MIN_AP}) at "
-              + ", ".join(str(r["size"]) for r in bad))
+        print(
+            f"bench_segment: default masks differ from Cellpose's (AP@0.5 < {MIN_AP}) at "
+            + ", ".join(str(r["size"]) for r in bad)
+        )
     return 0
 
 
@@ -368,31 +413,47 @@ def _markdown(doc: dict) -> str:
     lines += ["", "## Summary (computed from the table)", ""]
     by = {(r["size"], r["config"]): r for r in doc["results"]}
     for size in sorted({r["size"] for r in doc["results"]}):
-        equal = [r for r in doc["results"] if r["size"] == size and r["engine"] == "cellplug"
-                 and "thread" not in r["config"] and r["ap50_vs_cellpose"] >= MIN_AP]
+        equal = [
+            r
+            for r in doc["results"]
+            if r["size"] == size
+            and r["engine"] == "cellplug"
+            and "thread" not in r["config"]
+            and r["ap50_vs_cellpose"] >= MIN_AP
+        ]
         if equal:
             best = max(equal, key=lambda r: r["speedup_vs_cellpose"])
-            lines.append(f"- {size}²: fastest cellplug setting with equal masks (AP@0.5 >= "
-                         f"{MIN_AP}) at default threads: {best['config']}, "
-                         f"{best['speedup_vs_cellpose']:.2f}x Cellpose")
+            lines.append(
+                f"- {size}²: fastest cellplug setting with equal masks (AP@0.5 >= "
+                f"{MIN_AP}) at default threads: {best['config']}, "
+                f"{best['speedup_vs_cellpose']:.2f}x Cellpose"
+            )
     one_cp, one_us = by.get((1024, "cellpose 1 thread")), by.get((1024, "cellplug 1 thread"))
     if one_cp and one_us:
-        lines.append(f"- 1024², both with one torch thread: cellplug {one_us['seconds']:.2f} s "
-                     f"vs Cellpose {one_cp['seconds']:.2f} s = "
-                     f"{one_cp['seconds'] / one_us['seconds']:.2f}x (AP@0.5 "
-                     f"{one_us['ap50_vs_cellpose']:.4f})")
+        lines.append(
+            f"- 1024², both with one torch thread: cellplug {one_us['seconds']:.2f} s "
+            f"vs Cellpose {one_cp['seconds']:.2f} s = "
+            f"{one_cp['seconds'] / one_us['seconds']:.2f}x (AP@0.5 "
+            f"{one_us['ap50_vs_cellpose']:.4f})"
+        )
     passive, ours = by.get((1024, "cellpose passive omp")), by.get((1024, "cellplug"))
     if passive and ours:
-        lines.append(f"- 1024², both with passive OpenMP threads: cellplug {ours['seconds']:.2f} s "
-                     f"vs Cellpose {passive['seconds']:.2f} s = "
-                     f"{passive['seconds'] / ours['seconds']:.2f}x")
+        lines.append(
+            f"- 1024², both with passive OpenMP threads: cellplug {ours['seconds']:.2f} s "
+            f"vs Cellpose {passive['seconds']:.2f} s = "
+            f"{passive['seconds'] / ours['seconds']:.2f}x"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": None,
-            "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9, 1)}
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": None,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9, 1),
+    }
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)

@@ -68,8 +68,10 @@ DIAM_MEAN, DIAM_LABELS = 17.0, 23.0
 
 IMAGES = {
     "fluo": ("4d2cff9a0c8df3a7ef6100fda6f66e865a7670af6a18564767d8019b9ed2fd7b", None),
-    "bf": ("1b44d22643830cd4f23c9deadb0bd499fb392fb2cd9526d81547d93077d983df",
-           (slice(0, 512), slice(0, 600))),
+    "bf": (
+        "1b44d22643830cd4f23c9deadb0bd499fb392fb2cd9526d81547d93077d983df",
+        (slice(0, 512), slice(0, 600)),
+    ),
     "he": ("0d3640c1f1b80f24e94cc9a5f3e1d9e8db7bf6af7d4aba920265f46cadc25e37", None),
 }
 
@@ -121,8 +123,9 @@ def randomise(net, seed: int) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
 
 
-def calibrate_output(net, image: np.ndarray, flow_std: float = 2.5, prob_std: float = 3.0,
-                     inside: float = 0.3) -> None:
+def calibrate_output(
+    net, image: np.ndarray, flow_std: float = 2.5, prob_std: float = 3.0, inside: float = 0.3
+) -> None:
     """Centre and scale the last 1x1 convolution so that ``image`` gives usable outputs:
     raw flows with standard deviation ``flow_std`` (= 5x unit flow), cell probability with
     ``prob_std`` and a fraction ``inside`` of pixels above 0."""
@@ -174,12 +177,20 @@ def run_case(cp_model, segmenter, image, channels, diameter, flow_threshold) -> 
 
     t0 = time.perf_counter()
     cp_masks, cp_flows, cp_style = cp_model.eval(
-        image, channels=list(channels), diameter=diameter, flow_threshold=flow_threshold,
+        image,
+        channels=list(channels),
+        diameter=diameter,
+        flow_threshold=flow_threshold,
     )[:3]
     t_cp = time.perf_counter() - t0
     cp_dP, cp_prob = cp_flows[1], cp_flows[2]
-    opts = SegmentOptions(diameter=diameter or 0.0, channels=channels, tile=True,
-                          precision="fp32", flow_threshold=flow_threshold)
+    opts = SegmentOptions(
+        diameter=diameter or 0.0,
+        channels=channels,
+        tile=True,
+        precision="fp32",
+        flow_threshold=flow_threshold,
+    )
     t0 = time.perf_counter()
     ours = segmenter.segment(image, opts)
     t_ours = time.perf_counter() - t0
@@ -187,8 +198,12 @@ def run_case(cp_model, segmenter, image, channels, diameter, flow_threshold) -> 
     niter = int(1.0 / rescale * 200.0)
     # Cellpose's mask step on cellplug's network outputs: isolates the backbone
     net_masks = dynamics.resize_and_compute_masks(
-        (5.0 * ours.flows).astype(np.float32), ours.cellprob, niter=niter,
-        flow_threshold=flow_threshold, cellprob_threshold=0.0, min_size=15,
+        (5.0 * ours.flows).astype(np.float32),
+        ours.cellprob,
+        niter=niter,
+        flow_threshold=flow_threshold,
+        cellprob_threshold=0.0,
+        min_size=15,
     )
     # cellplug's reconstructor on Cellpose's network outputs: isolates the reconstructor
     rec_masks = segmenter.reconstruct((cp_dP / 5.0).astype(np.float32), cp_prob, niter, opts)
@@ -249,15 +264,26 @@ def main() -> int:
         segmenter = Segmenter.from_model(str(weights))
         for key, channels, diameter, ft in CASES:
             res = run_case(cp_model, segmenter, images[key], channels, diameter, ft)
-            res.update(image=key, shape=list(images[key].shape), channels=list(channels),
-                       diameter=diameter, flow_threshold=ft)
+            res.update(
+                image=key,
+                shape=list(images[key].shape),
+                channels=list(channels),
+                diameter=diameter,
+                flow_threshold=ft,
+            )
             res["status"] = _status(res, strict)
             rows.append(res)
             _print_row(res, header=len(rows) == 1)
         # information only: the default flow threshold on random fields (see the docstring)
         info = run_case(cp_model, segmenter, images["fluo"], (0, 0), 25.0, 0.4)
-        info.update(image="fluo", shape=list(images["fluo"].shape), channels=[0, 0],
-                    diameter=25.0, flow_threshold=0.4, status="info")
+        info.update(
+            image="fluo",
+            shape=list(images["fluo"].shape),
+            channels=[0, 0],
+            diameter=25.0,
+            flow_threshold=0.4,
+            status="info",
+        )
         _print_row(info, header=False)
         # the MKL-DNN path: the first case against Cellpose without it
         plain = cp_models.CellposeModel(pretrained_model=str(weights), mkldnn=False)
@@ -267,47 +293,68 @@ def main() -> int:
     doc = {
         "benchmark": "parity_backbone",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(),
-                    "platform": platform.platform()},
-        "versions": {"cellpose": cellpose.version, "torch": torch.__version__,
-                     "numpy": np.__version__},
+        "machine": {
+            "cpu": _cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "cellpose": cellpose.version,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
         "cellpose_mkldnn": bool(cp_model.mkldnn),
-        "weights": {"kind": "random, batch-norm statistics randomised, output calibrated",
-                    "seed": 0, "diam_mean": DIAM_MEAN, "diam_labels": DIAM_LABELS},
+        "weights": {
+            "kind": "random, batch-norm statistics randomised, output calibrated",
+            "seed": 0,
+            "diam_mean": DIAM_MEAN,
+            "diam_labels": DIAM_LABELS,
+        },
         "images": {k: v[0] for k, v in IMAGES.items()},
         "criteria": {"max_abs_diff": MAX_DIFF, "min_ap50": MIN_AP},
         "cases": rows,
         "info_default_flow_threshold": info,
         "first_case_cellpose_without_mkldnn": {
-            k: no_mkldnn[k] for k in ("flow_max_abs", "cellprob_max_abs", "style_max_abs",
-                                      "ap_e2e", "ap_net")},
+            k: no_mkldnn[k]
+            for k in ("flow_max_abs", "cellprob_max_abs", "style_max_abs", "ap_e2e", "ap_net")
+        },
         "strict": strict,
         "pass": ok,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "parity_backbone.json").write_text(json.dumps(doc, indent=2) + "\n")
-    worst = {k: max(r[k] for r in rows) for k in ("flow_max_abs", "cellprob_max_abs",
-                                                   "style_max_abs")}
-    print(f"\nworst max abs diffs: {worst}; min AP e2e {min(r['ap_e2e'] for r in rows):.4f}, "
-          f"min AP net {min(r['ap_net'] for r in rows):.4f}")
-    print("first case against Cellpose with mkldnn=False: "
-          f"flow {no_mkldnn['flow_max_abs']:.2e}, cellprob {no_mkldnn['cellprob_max_abs']:.2e}")
+    worst = {
+        k: max(r[k] for r in rows) for k in ("flow_max_abs", "cellprob_max_abs", "style_max_abs")
+    }
+    print(
+        f"\nworst max abs diffs: {worst}; min AP e2e {min(r['ap_e2e'] for r in rows):.4f}, "
+        f"min AP net {min(r['ap_net'] for r in rows):.4f}"
+    )
+    print(
+        "first case against Cellpose with mkldnn=False: "
+        f"flow {no_mkldnn['flow_max_abs']:.2e}, cellprob {no_mkldnn['cellprob_max_abs']:.2e}"
+    )
     print(f"parity_backbone: {'PASS' if ok else 'FAIL'} -> {RESULTS / 'parity_backbone.json'}")
     return 0 if ok else 1
 
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'image':<5} {'channels':<8} {'diam':>5} {'ft':>4} {'tiles':>5} {'flow':>9} "
-              f"{'cellprob':>9} {'style':>9} {'AP e2e':>7} {'AP net':>7} {'AP rec':>7} "
-              f"{'n cp/ours':>10} {'s cp/ours':>11}  status")
+        print(
+            f"{'image':<5} {'channels':<8} {'diam':>5} {'ft':>4} {'tiles':>5} {'flow':>9} "
+            f"{'cellprob':>9} {'style':>9} {'AP e2e':>7} {'AP net':>7} {'AP rec':>7} "
+            f"{'n cp/ours':>10} {'s cp/ours':>11}  status"
+        )
     d = "none" if r["diameter"] is None else f"{r['diameter']:.0f}"
-    print(f"{r['image']:<5} {str(tuple(r['channels'])):<8} {d:>5} {r['flow_threshold']:>4} "
-          f"{r['n_tiles']:>5} {r['flow_max_abs']:>9.2e} {r['cellprob_max_abs']:>9.2e} "
-          f"{r['style_max_abs']:>9.2e} {r['ap_e2e']:>7.4f} {r['ap_net']:>7.4f} "
-          f"{r['ap_rec']:>7.4f} {r['n_cellpose']:>4}/{r['n_cellplug']:<5} "
-          f"{r['seconds_cellpose']:>5.1f}/{r['seconds_cellplug']:<5.1f} "
-          f"{r['status']}", flush=True)
+    print(
+        f"{r['image']:<5} {str(tuple(r['channels'])):<8} {d:>5} {r['flow_threshold']:>4} "
+        f"{r['n_tiles']:>5} {r['flow_max_abs']:>9.2e} {r['cellprob_max_abs']:>9.2e} "
+        f"{r['style_max_abs']:>9.2e} {r['ap_e2e']:>7.4f} {r['ap_net']:>7.4f} "
+        f"{r['ap_rec']:>7.4f} {r['n_cellpose']:>4}/{r['n_cellplug']:<5} "
+        f"{r['seconds_cellpose']:>5.1f}/{r['seconds_cellplug']:<5.1f} "
+        f"{r['status']}",
+        flush=True,
+    )
 
 
 def _cpu_model() -> str:

@@ -238,8 +238,14 @@ def main() -> int:
             "cosine": sum(v["cos_sum"] for v in vals) / max(1, sum(v["n_pixels"] for v in vals)),
         }
         worst = {"cosine": min(v["cosine"] for v in vals)}
-        for key in ("roundtrip", "vs_cellpose", "vs_cellpose_noisy", "cellpose_roundtrip",
-                    "noisy_vs_truth", "cellpose_noisy_vs_truth"):
+        for key in (
+            "roundtrip",
+            "vs_cellpose",
+            "vs_cellpose_noisy",
+            "cellpose_roundtrip",
+            "noisy_vs_truth",
+            "cellpose_noisy_vs_truth",
+        ):
             s[key] = float(np.mean([v[key] for v in vals]))
             worst[key] = min(v[key] for v in vals)
         s["worst_image"] = worst
@@ -256,8 +262,7 @@ def main() -> int:
     print(header)
     for dname, s in summary.items():
         cells = "".join(
-            f"{s[k]:>10.4f} / {s['worst_image'][k]:.4f}{'' if s['passed'][k] else '!'}"
-            .rjust(20)
+            f"{s[k]:>10.4f} / {s['worst_image'][k]:.4f}{'' if s['passed'][k] else '!'}".rjust(20)
             for k in THRESHOLDS
         )
         print(f"{dname:<14}{s['images']:>7}{s['objects']:>8}  {cells}")
@@ -270,17 +275,20 @@ def main() -> int:
             f"input ours {s['noisy_vs_truth']:.4f} / Cellpose {s['cellpose_noisy_vs_truth']:.4f}"
         )
 
-    write_json(args.out, {
-        "description": "cellplug_flows vs cellpose 3.1.1.2; see benchmarks/parity_flows.py",
-        "thresholds": THRESHOLDS,
-        "data_root": str(root),
-        "notes": notes,
-        "summary": summary,
-        "per_image": per_image,
-        "failed": failed,
-        "machine": machine(),
-        "versions": versions("cellplug", "cellpose", "numpy", "numba", "torch", "scipy"),
-    })
+    write_json(
+        args.out,
+        {
+            "description": "cellplug_flows vs cellpose 3.1.1.2; see benchmarks/parity_flows.py",
+            "thresholds": THRESHOLDS,
+            "data_root": str(root),
+            "notes": notes,
+            "summary": summary,
+            "per_image": per_image,
+            "failed": failed,
+            "machine": machine(),
+            "versions": versions("cellplug", "cellpose", "numpy", "numba", "torch", "scipy"),
+        },
+    )
     print(f"written {args.out}")
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

@@ -98,6 +98,10 @@ def main() -> int:
             "group": group,
             "ap50_cellplug": float(match_counts(gt, mine.labels, [0.5]).ap[0]),
             "ap50_cellpose": float(match_counts(gt, theirs.astype(np.int64), [0.5]).ap[0]),
+            # the two segmentations against each other (Cellpose's as truth)
+            "ap50_vs_cellpose": float(
+                match_counts(theirs.astype(np.int64), mine.labels, [0.5]).ap[0]
+            ),
             "diam_cellplug": round(mine.diameter, 2),
             "diam_cellpose": round(diam, 2),
             "s_cellplug": round(t1 - t0, 2),
@@ -111,21 +115,26 @@ def main() -> int:
     groups = sorted({r["group"] for r in rows})
     dsb = [g for g in groups if g != "phase_contrast"]
     sets = {g: [g] for g in groups} | {"dsb2018 (all)": dsb, "usiigaci_phc": ["phase_contrast"]}
-    print(f"\n{'group':<20} {'n':>3} {'AP50 cellplug':>14} {'AP50 cellpose':>14} {'diff':>7}")
+    print(
+        f"\n{'group':<20} {'n':>3} {'AP50 cellplug':>14} {'AP50 cellpose':>14} {'diff':>7}"
+        f" {'AP50 vs each other':>19}"
+    )
     for name, members in sets.items():
         sel = [r for r in rows if r["group"] in members]
         if not sel:
             continue
         a = float(np.mean([r["ap50_cellplug"] for r in sel]))
         b = float(np.mean([r["ap50_cellpose"] for r in sel]))
+        agree = float(np.mean([r["ap50_vs_cellpose"] for r in sel]))
         summary[name] = {
             "n": len(sel),
+            "ap50_cellplug_vs_cellpose": round(agree, 4),
             "ap50_cellplug": round(a, 4),
             "ap50_cellpose": round(b, 4),
             "diff": round(a - b, 4),
         }
         ok &= abs(a - b) <= TOLERANCE
-        print(f"{name:<20} {len(sel):>3} {a:>14.4f} {b:>14.4f} {a - b:>+7.4f}")
+        print(f"{name:<20} {len(sel):>3} {a:>14.4f} {b:>14.4f} {a - b:>+7.4f} {agree:>19.4f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {
         "model": str(info.weights),
