@@ -30,4 +30,5 @@ def test_generalist_segments_the_sample_image():
     truth = tifffile.imread(EXAMPLES / "nuclei_masks.tif")
     result = Segmenter.from_model("generalist", threads=1).segment(image, diameter=0)
     assert 35 < result.diameter < 65  # true median diameter: 50.8 px
-    assert average_precision(truth, result.labels.astype(np.int64), [0.5])[0] >= 0.7
+    # 0.89 measured with the bundled generalist; margin for bf16 rounding on other CPUs
+    assert average_precision(truth, result.labels.astype(np.int64), [0.5])[0] >= 0.8
