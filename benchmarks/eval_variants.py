@@ -1,8 +1,9 @@
 """AP@0.5 of the bundled model on the validation split under inference variants.
 
 Segments each validation image (training/generalist/val_stems.txt) with no diameter given in
-float32 and with flip test-time augmentation, and prints the mean AP@0.5 per image type; the
-default setting is what ``cellplug eval`` reports. Needs ../shared/data (or $CELLPLUG_DATA).
+float32, with flip test-time augmentation and as one whole-image pass (no tiles), and prints
+the mean AP@0.5 per image type; the default setting is what ``cellplug eval`` reports.
+Needs ../shared/data (or $CELLPLUG_DATA).
 
     python benchmarks/eval_variants.py [MODEL]
 """
@@ -19,7 +20,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, data_root  # noqa: E402
 
-VARIANTS = {"fp32": {"precision": "fp32"}, "augment": {"augment": True}}
+VARIANTS = {
+    "fp32": {"precision": "fp32"},
+    "augment": {"augment": True},
+    "whole_image": {"tile": False},
+}
 
 
 def main() -> int:
