@@ -2,11 +2,13 @@
 
 * where the real data lives (``../shared/data`` next to the repository, or ``$CELLPLUG_DATA``);
 * synthetic crowded label images (touching ellipses cut by a Voronoi tessellation);
+* the bundled generalist's validation images;
 * a description of the machine, for results files.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import os
@@ -24,6 +26,33 @@ def data_root() -> Path:
     """``$CELLPLUG_DATA`` if set, else ``<repo>/../shared/data``."""
     env = os.environ.get("CELLPLUG_DATA")
     return Path(env) if env else (REPO.parent / "shared" / "data").resolve()
+
+
+def validation_images(limit: int | None = None) -> list[tuple[Path, Path, str]]:
+    """(image, labels, modality) of the generalist's validation split, in metadata order.
+
+    ``limit`` subsamples it (a quick check) while keeping every modality represented.
+    """
+    data = data_root()
+    stems = set((REPO / "training" / "generalist" / "val_stems.txt").read_text().split())
+    out = []
+    for folder in ("dsb2018", "usiigaci_phc"):
+        with open(data / folder / "metadata.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["stem"] in stems:
+                    out.append(
+                        (
+                            data / folder / f"{row['stem']}.tif",
+                            data / folder / f"{row['stem']}_masks.tif",
+                            row["modality"],
+                        )
+                    )
+    if limit:
+        by: dict[str, list] = {}
+        for item in out:
+            by.setdefault(item[2], []).append(item)
+        out = [x for items in by.values() for x in items[: max(1, limit * len(items) // len(out))]]
+    return out
 
 
 def synthetic_cells(

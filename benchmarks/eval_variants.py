@@ -10,7 +10,6 @@ Needs ../shared/data (or $CELLPLUG_DATA).
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, data_root  # noqa: E402
+from _common import RESULTS, data_root, validation_images  # noqa: E402
 
 VARIANTS = {
     "fp32": {"precision": "fp32"},
@@ -37,23 +36,18 @@ def main() -> int:
     from cellplug.segmenter import Segmenter
 
     seg = Segmenter.from_model(sys.argv[1] if len(sys.argv) > 1 else "generalist")
-    val = set((REPO / "training" / "generalist" / "val_stems.txt").read_text().split())
     groups: dict[str, list[dict]] = {}
-    for folder in ("dsb2018", "usiigaci_phc"):
-        with open(data / folder / "metadata.csv", newline="") as fh:
-            for meta in csv.DictReader(fh):
-                if meta["stem"] not in val:
-                    continue
-                image = read_image(data / folder / f"{meta['stem']}.tif")
-                truth = read_labels(data / folder / f"{meta['stem']}_masks.tif").astype(np.int64)
-                row = {"image": meta["stem"], "group": meta["modality"]}
-                for name, options in VARIANTS.items():
-                    labels = seg.segment(image, diameter=0, **options).labels.astype(np.int64)
-                    row[name] = float(match_counts(truth, labels, [0.5]).ap[0])
-                print(json.dumps(row), flush=True)
-                groups.setdefault(meta["modality"], []).append(row)
-                if folder == "dsb2018":
-                    groups.setdefault("dsb2018 (all)", []).append(row)
+    for image_path, labels_path, modality in validation_images():
+        image = read_image(image_path)
+        truth = read_labels(labels_path).astype(np.int64)
+        row = {"image": image_path.stem, "group": modality}
+        for name, options in VARIANTS.items():
+            labels = seg.segment(image, diameter=0, **options).labels.astype(np.int64)
+            row[name] = float(match_counts(truth, labels, [0.5]).ap[0])
+        print(json.dumps(row), flush=True)
+        groups.setdefault(modality, []).append(row)
+        if image_path.parent.name == "dsb2018":
+            groups.setdefault("dsb2018 (all)", []).append(row)
     summary = {
         g: {"n": len(rows)} | {v: round(float(np.mean([r[v] for r in rows])), 4) for v in VARIANTS}
         for g, rows in groups.items()

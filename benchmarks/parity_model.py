@@ -12,7 +12,6 @@ our metadata. Reports AP@0.5 per image type for both and fails if any differs by
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -23,33 +22,10 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO as ROOT  # noqa: E402
-from _common import RESULTS, data_root  # noqa: E402
+from _common import RESULTS, data_root, validation_images  # noqa: E402
 
 DATA = data_root()
 TOLERANCE = 0.01
-
-
-def validation_images(limit: int | None) -> list[tuple[Path, Path, str]]:
-    stems = set((ROOT / "training" / "generalist" / "val_stems.txt").read_text().split())
-    out = []
-    for folder in ("dsb2018", "usiigaci_phc"):
-        with open(DATA / folder / "metadata.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row["stem"] in stems:
-                    out.append(
-                        (
-                            DATA / folder / f"{row['stem']}.tif",
-                            DATA / folder / f"{row['stem']}_masks.tif",
-                            row["modality"],
-                        )
-                    )
-    if limit:  # keep every group represented
-        by: dict[str, list] = {}
-        for item in out:
-            by.setdefault(item[2], []).append(item)
-        out = [x for items in by.values() for x in items[: max(1, limit * len(items) // len(out))]]
-    return out
 
 
 def main() -> int:
