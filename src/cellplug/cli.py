@@ -408,6 +408,9 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
               help="Model for inputs that are images (default: generalist).")
 @click.option("--diameter", type=float, default=0.0, show_default=True,
               help="Diameter for images to segment; 0 = size model.")
+@click.option("--true-diameter", is_flag=True,
+              help="Segment each image at the median diameter of its ground-truth objects "
+                   "(what the size model could reach at best).")
 @click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True)
 @click.option("--stems", "stems_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Only evaluate the stems listed in this file (one per line).")
@@ -419,8 +422,9 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
 @click.option("--threads", type=int, default=None)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diameter: float,
-             channels: tuple[int, int], stems_file: Path | None, group_by: str | None,
-             mask_suffix: str, out_path: Path | None, threads: int | None, quiet: bool) -> None:
+             true_diameter: bool, channels: tuple[int, int], stems_file: Path | None,
+             group_by: str | None, mask_suffix: str, out_path: Path | None, threads: int | None,
+             quiet: bool) -> None:
     """Score predictions (or segment images, then score) against ground-truth masks.
 
     Reports AP at IoU 0.50...0.95 (TP / (TP + FP + FN)), precision, recall and F1 at 0.5, per
@@ -443,7 +447,7 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
         raise CellplugError(f"--group-by: {exc}") from None
     segmenter = None
     if not all(is_pred for _, _, is_pred in items):
-        from .segmenter import Segmenter, SegmentOptions
+        from .segmenter import Segmenter, SegmentOptions, median_diameter
 
         segmenter = Segmenter.from_model(model_ref, threads=threads)
         opts = SegmentOptions(diameter=diameter, channels=_channels(channels))
@@ -464,7 +468,14 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
                 pred = io.read_labels(path)
             else:
                 assert segmenter is not None
-                pred = segmenter.segment(io.read_image(path), opts).labels
+                image = io.read_image(path)
+                if true_diameter:
+                    d = median_diameter(gt)
+                    if not d > 0:
+                        raise CellplugError(f"{truth}: no objects, so no true diameter")
+                    pred = segmenter.segment(image, opts, diameter=d).labels
+                else:
+                    pred = segmenter.segment(image, opts).labels
             if pred.shape != gt.shape:
                 raise CellplugError(
                     f"{path}: shape {pred.shape} differs from ground truth {gt.shape}"

@@ -127,6 +127,37 @@ def test_eval_segments_images_with_a_model(tmp_path, data_dir, random_model):
     assert "overall" in r.output
 
 
+def test_eval_true_diameter_segments_at_the_ground_truth_diameter(
+    tmp_path, data_dir, random_model, monkeypatch
+):
+    from cellplug.segmenter import Segmenter, median_diameter
+
+    used = []
+    real = Segmenter.segment
+
+    def spy(self, image, options=None, **overrides):
+        used.append(overrides.get("diameter"))
+        return real(self, image, options, **overrides)
+
+    monkeypatch.setattr(Segmenter, "segment", spy)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for stem in ("dsb2018_fluo", "dsb2018_he"):
+        (img_dir / f"{stem}.tif").write_bytes((data_dir / f"{stem}.tif").read_bytes())
+    r = CliRunner().invoke(
+        main,
+        ["eval", str(img_dir), "--masks", str(data_dir), "--model", str(random_model),
+         "--true-diameter", "-q"],
+    )
+    assert r.exit_code == 0, r.output
+    expected = [
+        median_diameter(tifffile.imread(data_dir / f"{s}_masks.tif"))
+        for s in ("dsb2018_fluo", "dsb2018_he")
+    ]
+    assert used == expected
+    assert expected[0] != expected[1]
+
+
 def test_eval_missing_ground_truth_is_an_error(tmp_path, data_dir):
     pred = tmp_path / "p"
     pred.mkdir()
