@@ -23,10 +23,14 @@ from pathlib import Path
 
 import torch
 
+from cellplug.models import load_state_dict
+
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return obj["model"] if isinstance(obj, dict) and "model" in obj else obj
+    """A model ``.pth`` (checked by cellplug's safe loader) or a training checkpoint's weights."""
+    if path.suffix == ".pth":
+        return load_state_dict(path)
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
