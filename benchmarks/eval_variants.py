@@ -1,8 +1,16 @@
 """AP@0.5 of the bundled model on the validation split under inference variants.
 
-Segments each validation image (training/generalist/val_stems.txt) with no diameter given in
-float32, with flip test-time augmentation and as one whole-image pass (no tiles), and prints
-the mean AP@0.5 per image type; the default setting is what ``cellplug eval`` reports.
+Segments each validation image (training/generalist/val_stems.txt) with no diameter given
+(the default: what ``cellplug eval`` reports) and then under variants, and prints the mean
+AP@0.5 per image type:
+
+- whole reruns: float32, flip test-time augmentation, one whole-image pass (no tiles);
+- mask step only, on the default run's flows and cell probability (same diameter):
+  cell-probability threshold -1, -0.5, +0.5 and flow threshold 0.6, 0.8 (defaults 0, 0.4);
+- scale: the network rerun at 0.8, 0.9 and 1.1 x the size model's diameter.
+
+It answers "would a different inference setting do better than the defaults?"; the settings
+are compared on the validation split itself, so a winner here is a hint, not a result.
 Needs ../shared/data (or $CELLPLUG_DATA).
 
     python benchmarks/eval_variants.py [MODEL]
@@ -19,11 +27,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, data_root, validation_images  # noqa: E402
 
-VARIANTS = {
+RERUN = {
     "fp32": {"precision": "fp32"},
     "augment": {"augment": True},
     "whole_image": {"tile": False},
 }
+MASK_STEP = {
+    "cellprob-1": {"cellprob_threshold": -1.0},
+    "cellprob-0.5": {"cellprob_threshold": -0.5},
+    "cellprob+0.5": {"cellprob_threshold": 0.5},
+    "flow0.6": {"flow_threshold": 0.6},
+    "flow0.8": {"flow_threshold": 0.8},
+}
+SCALE = {"diameter_x0.8": 0.8, "diameter_x0.9": 0.9, "diameter_x1.1": 1.1}
+NAMES = ["default", *RERUN, *MASK_STEP, *SCALE]
 
 
 def main() -> int:
@@ -33,23 +50,40 @@ def main() -> int:
         return 0
     from cellplug.io import read_image, read_labels
     from cellplug.metrics import match_counts
-    from cellplug.segmenter import Segmenter
+    from cellplug.segmenter import Segmenter, SegmentOptions
 
     seg = Segmenter.from_model(sys.argv[1] if len(sys.argv) > 1 else "generalist")
     groups: dict[str, list[dict]] = {}
     for image_path, labels_path, modality in validation_images():
         image = read_image(image_path)
         truth = read_labels(labels_path).astype(np.int64)
-        row = {"image": image_path.stem, "group": modality}
-        for name, options in VARIANTS.items():
-            labels = seg.segment(image, diameter=0, **options).labels.astype(np.int64)
-            row[name] = float(match_counts(truth, labels, [0.5]).ap[0])
+
+        def ap50(labels: np.ndarray, truth: np.ndarray = truth) -> float:
+            return float(match_counts(truth, labels.astype(np.int64), [0.5]).ap[0])
+
+        base = seg.segment(image, diameter=0)
+        row = {
+            "image": image_path.stem,
+            "group": modality,
+            "diameter": round(base.diameter, 2),
+            "default": ap50(base.labels),
+        }
+        for name, options in RERUN.items():
+            row[name] = ap50(seg.segment(image, diameter=0, **options).labels)
+        # Cellpose's niter for a resampled run: 200 / rescale
+        niter = max(1, int(200 * base.diameter / seg.model.diam_mean))
+        for name, options in MASK_STEP.items():
+            row[name] = ap50(
+                seg.reconstruct(base.flows, base.cellprob, niter, SegmentOptions(**options))
+            )
+        for name, factor in SCALE.items():
+            row[name] = ap50(seg.segment(image, diameter=base.diameter * factor).labels)
         print(json.dumps(row), flush=True)
         groups.setdefault(modality, []).append(row)
         if image_path.parent.name == "dsb2018":
             groups.setdefault("dsb2018 (all)", []).append(row)
     summary = {
-        g: {"n": len(rows)} | {v: round(float(np.mean([r[v] for r in rows])), 4) for v in VARIANTS}
+        g: {"n": len(rows)} | {v: round(float(np.mean([r[v] for r in rows])), 4) for v in NAMES}
         for g, rows in groups.items()
     }
     for g, s in summary.items():
