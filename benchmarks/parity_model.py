@@ -4,12 +4,18 @@ Segments the validation split of the generalist (training/generalist/val_stems.t
 never trained on) with no diameter given (each side uses its size model), once with cellplug
 and once with Cellpose 3.1.1.2 loading the very same ``.pth`` and a ``_size.npy`` written from
 our metadata. cellplug runs twice: with its defaults (bfloat16 where the CPU has it) and in
-float32 (``precision="fp32"``, the Cellpose-identical path, which is what tests that the
-conventions match). Reports AP@0.5 per image type and fails if either differs from Cellpose's
-by more than 0.01 in any group.
+float32 (``precision="fp32"``, the Cellpose-identical path).
+
+The check (issue 6): on each split (dsb2018, usiigaci_phc) cellplug's default AP@0.5 is within
+0.01 of Cellpose's. Also reported, not gated: float32 per split, and both per image type with
+the standard error of the per-image paired differences. Per-image differences come from
+borderline masks (sd about 0.02 over the split), so a group of n images moves by about
+0.02 / sqrt(n) by chance (0.005-0.008 for the 14 H&E and 7 phase-contrast images): a 0.01
+tolerance on the small groups measures that noise more than the conventions.
 Run by ``nox -s parity``; needs ../shared/data (or $CELLPLUG_DATA).
 
     python benchmarks/parity_model.py [MODEL_PTH] [--limit N]
+    python benchmarks/parity_model.py --summarize RESULTS_JSON   # recompute the summary
 """
 
 from __future__ import annotations
@@ -37,7 +43,17 @@ def main() -> int:
         "model", nargs="?", default=None, help="model .pth (default: bundled generalist)"
     )
     ap.add_argument("--limit", type=int, default=None, help="subsample the split (quick check)")
+    ap.add_argument(
+        "--summarize",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="recompute the summary and verdict from a saved run's per-image rows",
+    )
     args = ap.parse_args()
+    if args.summarize is not None:
+        saved = json.loads(args.summarize.read_text())
+        return report(saved["model"], saved["images"])
     if not (DATA / "dsb2018").is_dir():
         print(f"parity_model: skipped, no data at {DATA}")
         return 0
@@ -94,14 +110,20 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    return report(str(info.weights), rows)
+
+
+def report(model: str, rows: list[dict]) -> int:
+    """Print the per-group table, write results/parity_model.json, return the exit code."""
     summary = {}
     ok = True
     groups = sorted({r["group"] for r in rows})
     dsb = [g for g in groups if g != "phase_contrast"]
-    sets = {g: [g] for g in groups} | {"dsb2018 (all)": dsb, "usiigaci_phc": ["phase_contrast"]}
+    splits = {"dsb2018 (all)": dsb, "usiigaci_phc": ["phase_contrast"]}
+    sets = {g: [g] for g in groups} | splits
     print(
         f"\n{'group':<20} {'n':>3} {'cellplug':>9} {'fp32':>7} {'cellpose':>9} {'diff':>7}"
-        f" {'diff fp32':>9} {'AP50 vs each other':>19}"
+        f" {'diff fp32':>9} {'se':>6} {'AP50 vs each other':>19}"
     )
     for name, members in sets.items():
         sel = [r for r in rows if r["group"] in members]
@@ -111,6 +133,9 @@ def main() -> int:
         a32 = float(np.mean([r["ap50_cellplug_fp32"] for r in sel]))
         b = float(np.mean([r["ap50_cellpose"] for r in sel]))
         agree = float(np.mean([r["ap50_vs_cellpose"] for r in sel]))
+        d = np.array([r["ap50_cellplug"] - r["ap50_cellpose"] for r in sel])
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        gated = name in splits
         summary[name] = {
             "n": len(sel),
             "ap50_cellplug_vs_cellpose": round(agree, 4),
@@ -119,20 +144,25 @@ def main() -> int:
             "ap50_cellpose": round(b, 4),
             "diff": round(a - b, 4),
             "diff_fp32": round(a32 - b, 4),
+            "diff_standard_error": round(se, 4),
+            "gated": gated,
         }
-        ok &= abs(a - b) <= TOLERANCE and abs(a32 - b) <= TOLERANCE
-        print(f"{name:<20} {len(sel):>3} {a:>9.4f} {a32:>7.4f} {b:>9.4f} {a - b:>+7.4f}"
-              f" {a32 - b:>+9.4f} {agree:>19.4f}")
+        if gated:
+            ok &= abs(a - b) <= TOLERANCE
+        print(
+            f"{name:<20} {len(sel):>3} {a:>9.4f} {a32:>7.4f} {b:>9.4f} {a - b:>+7.4f}"
+            f" {a32 - b:>+9.4f} {se:>6.4f} {agree:>19.4f}{'  (gated)' if gated else ''}"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {
-        "model": str(info.weights),
+        "model": model,
         "tolerance": TOLERANCE,
         "passed": bool(ok),
         "summary": summary,
         "images": rows,
     }
     (RESULTS / "parity_model.json").write_text(json.dumps(out, indent=2) + "\n")
-    print("PASS" if ok else "FAIL", f"(default and float32: |diff| <= {TOLERANCE} per group)")
+    print("PASS" if ok else "FAIL", f"(default per split: |diff| <= {TOLERANCE})")
     return 0 if ok else 1
 
 
