@@ -43,14 +43,19 @@ SCALE = {"diameter_x0.8": 0.8, "diameter_x0.9": 0.9, "diameter_x1.1": 1.1}
 NAMES = ["default", *RERUN, *MASK_STEP, *SCALE]
 
 
+def ap50(truth: np.ndarray, labels: np.ndarray) -> float:
+    from cellplug.metrics import match_counts
+
+    return float(match_counts(truth, labels.astype(np.int64), [0.5]).ap[0])
+
+
 def main() -> int:
     data = data_root()
     if not (data / "dsb2018").is_dir():
         print(f"eval_variants: skipped, no data at {data}")
         return 0
     from cellplug.io import read_image, read_labels
-    from cellplug.metrics import match_counts
-    from cellplug.segmenter import Segmenter, SegmentOptions
+    from cellplug.segmenter import Segmenter, SegmentOptions, default_niter
 
     seg = Segmenter.from_model(sys.argv[1] if len(sys.argv) > 1 else "generalist")
     groups: dict[str, list[dict]] = {}
@@ -58,26 +63,21 @@ def main() -> int:
         image = read_image(image_path)
         truth = read_labels(labels_path).astype(np.int64)
 
-        def ap50(labels: np.ndarray, truth: np.ndarray = truth) -> float:
-            return float(match_counts(truth, labels.astype(np.int64), [0.5]).ap[0])
-
         base = seg.segment(image, diameter=0)
         row = {
             "image": image_path.stem,
             "group": modality,
             "diameter": round(base.diameter, 2),
-            "default": ap50(base.labels),
+            "default": ap50(truth, base.labels),
         }
         for name, options in RERUN.items():
-            row[name] = ap50(seg.segment(image, diameter=0, **options).labels)
-        # Cellpose's niter for a resampled run: 200 / rescale
-        niter = max(1, int(200 * base.diameter / seg.model.diam_mean))
+            row[name] = ap50(truth, seg.segment(image, diameter=0, **options).labels)
+        niter = default_niter(seg.model.diam_mean / base.diameter)  # as the default run
         for name, options in MASK_STEP.items():
-            row[name] = ap50(
-                seg.reconstruct(base.flows, base.cellprob, niter, SegmentOptions(**options))
-            )
+            labels = seg.reconstruct(base.flows, base.cellprob, niter, SegmentOptions(**options))
+            row[name] = ap50(truth, labels)
         for name, factor in SCALE.items():
-            row[name] = ap50(seg.segment(image, diameter=base.diameter * factor).labels)
+            row[name] = ap50(truth, seg.segment(image, diameter=base.diameter * factor).labels)
         print(json.dumps(row), flush=True)
         groups.setdefault(modality, []).append(row)
         if image_path.parent.name == "dsb2018":

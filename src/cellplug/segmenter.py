@@ -117,7 +117,11 @@ class Segmenter:
     """A model's network plus the decoder and reconstructor that turn its output into labels."""
 
     def __init__(
-        self, model: ModelInfo, net: Any, decoder: Any, reconstructor: Any,
+        self,
+        model: ModelInfo,
+        net: Any,
+        decoder: Any,
+        reconstructor: Any,
         threads: int | None = None,
     ) -> None:
         self.model = model
@@ -169,8 +173,13 @@ class Segmenter:
             x = transforms.resize(prepared, transforms.rescaled_shape(shape, rescale))
         with _threads(self.threads):
             out = run_network(
-                self.net, x, tile=opts.tile, bsize=opts.bsize, tile_overlap=opts.tile_overlap,
-                batch_size=opts.batch_size, augment=opts.augment,
+                self.net,
+                x,
+                tile=opts.tile,
+                bsize=opts.bsize,
+                tile_overlap=opts.tile_overlap,
+                batch_size=opts.batch_size,
+                augment=opts.augment,
                 vector_channels=self.vector_channels,  # type: ignore[arg-type]
                 precision=opts.precision,  # type: ignore[arg-type]
             )
@@ -180,8 +189,13 @@ class Segmenter:
         return raw, out.style, out.n_tiles
 
     def reconstruct(
-        self, flows: np.ndarray, cellprob: np.ndarray, niter: int, opts: SegmentOptions,
-        shape: tuple[int, int] | None = None, **extra: Any,
+        self,
+        flows: np.ndarray,
+        cellprob: np.ndarray,
+        niter: int,
+        opts: SegmentOptions,
+        shape: tuple[int, int] | None = None,
+        **extra: Any,
     ) -> np.ndarray:
         """Labels uint32 (Y, X) from flows float32 (2, Y', X') and cellprob float32 (Y', X').
 
@@ -190,14 +204,20 @@ class Segmenter:
         """
         resize = shape is not None and tuple(shape) != cellprob.shape
         labels = self.reconstructor(
-            flows, cellprob, niter=niter, cellprob_threshold=opts.cellprob_threshold,
-            flow_threshold=opts.flow_threshold, min_size=0 if resize else opts.min_size,
-            max_size_fraction=opts.max_size_fraction, **extra,
+            flows,
+            cellprob,
+            niter=niter,
+            cellprob_threshold=opts.cellprob_threshold,
+            flow_threshold=opts.flow_threshold,
+            min_size=0 if resize else opts.min_size,
+            max_size_fraction=opts.max_size_fraction,
+            **extra,
         )
         labels = np.asarray(labels, dtype=np.uint32)
         if resize:
-            labels = remove_small_objects(transforms.resize(labels, shape, nearest=True),
-                                          opts.min_size)
+            labels = remove_small_objects(
+                transforms.resize(labels, shape, nearest=True), opts.min_size
+            )
         return labels
 
     def estimate_diameter(self, image: np.ndarray, opts: SegmentOptions | None = None) -> float:
@@ -226,8 +246,9 @@ class Segmenter:
         raw, _, _ = self.network(prepared, rescale, opts, resample=False)
         flows, cellprob = self.decoder.decode(raw)
         # Cellpose runs these dynamics without interpolation; reconstructors may ignore it
-        labels = self.reconstruct(flows, cellprob, 200, opts, shape=prepared.shape[1:],
-                                  interp=False)
+        labels = self.reconstruct(
+            flows, cellprob, 200, opts, shape=prepared.shape[1:], interp=False
+        )
         d = median_diameter(labels)
         return d if d > 0 and np.isfinite(d) else dm
 
@@ -265,13 +286,21 @@ class Segmenter:
         raw, style, n_tiles = self.network(prepared, rescale, opts, resample=opts.resample)
         flows, cellprob = self.decoder.decode(raw)
         timings["network"] = time.perf_counter() - t1
-        # as Cellpose: 200 steps at the network's scale, i.e. 200 / rescale at the original
-        niter = opts.niter or int(np.float64(1.0 / rescale * 200.0) if opts.resample else 200)
+        niter = opts.niter or default_niter(rescale, opts.resample)
         t2 = time.perf_counter()
         labels = self.reconstruct(flows, cellprob, niter, opts, shape=prepared.shape[1:])
         timings["masks"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Segmentation(labels, flows, cellprob, style, float(diameter), timings, n_tiles)
+
+
+def default_niter(rescale: float, resample: bool = True) -> int:
+    """Cellpose's number of dynamics steps for a network run at ``rescale``.
+
+    200 steps at the network's scale, i.e. 200 / ``rescale`` when the flows were resampled to
+    the original size, else 200.
+    """
+    return int(np.float64(1.0 / rescale * 200.0) if resample else 200)
 
 
 class _threads:
