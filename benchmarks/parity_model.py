@@ -53,7 +53,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.summarize is not None:
         saved = json.loads(args.summarize.read_text())
-        return report(saved["model"], saved["images"])
+        return report(saved["model"], saved["images"], out_path=None)
     if not (DATA / "dsb2018").is_dir():
         print(f"parity_model: skipped, no data at {DATA}")
         return 0
@@ -110,11 +110,15 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    return report(str(info.weights), rows)
+    return report(str(info.weights), rows, out_path=RESULTS / "parity_model.json")
 
 
-def report(model: str, rows: list[dict]) -> int:
-    """Print the per-group table, write results/parity_model.json, return the exit code."""
+def report(model: str, rows: list[dict], out_path: Path | None) -> int:
+    """Print the per-group table and verdict, return the exit code.
+
+    The full result goes to ``out_path``; ``None`` (re-summarizing a saved file) writes
+    nothing, so summarizing one run cannot overwrite another's committed results.
+    """
     summary = {}
     ok = True
     groups = sorted({r["group"] for r in rows})
@@ -153,15 +157,16 @@ def report(model: str, rows: list[dict]) -> int:
             f"{name:<20} {len(sel):>3} {a:>9.4f} {a32:>7.4f} {b:>9.4f} {a - b:>+7.4f}"
             f" {a32 - b:>+9.4f} {se:>6.4f} {agree:>19.4f}{'  (gated)' if gated else ''}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {
-        "model": model,
-        "tolerance": TOLERANCE,
-        "passed": bool(ok),
-        "summary": summary,
-        "images": rows,
-    }
-    (RESULTS / "parity_model.json").write_text(json.dumps(out, indent=2) + "\n")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out = {
+            "model": model,
+            "tolerance": TOLERANCE,
+            "passed": bool(ok),
+            "summary": summary,
+            "images": rows,
+        }
+        out_path.write_text(json.dumps(out, indent=2) + "\n")
     print("PASS" if ok else "FAIL", f"(default per split: |diff| <= {TOLERANCE})")
     return 0 if ok else 1
 
