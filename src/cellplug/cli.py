@@ -297,7 +297,12 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--checkpoint-every", type=int, default=5, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast (much faster on recent x86 CPUs).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="fp32",
+              show_default=True,
+              help="bf16: bfloat16 autocast, ~2x faster where the CPU has native bfloat16 "
+                   "(AVX512-BF16, AMX) and many times slower where it does not; auto: bf16 "
+                   "only where it is native.")
+@click.option("--bf16", is_flag=True, help="Same as --precision bf16.")
 @click.option("--threads", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True)
@@ -309,22 +314,26 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
           learning_rate: float, weight_decay: float, warmup_epochs: int, diam_mean: float,
           images_per_epoch: int | None, sampling: str, group_column: str | None,
           eval_every: int, eval_images: int | None,
-          checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, bf16: bool,
-          threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
+          checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, precision: str,
+          bf16: bool, threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
           quiet: bool) -> None:
     """Train (or fine-tune with --base) a model on annotated images."""
     from .annotations import read_annotations
+    from .inference import resolve_precision
     from .models import resolve_model
     from .plugins import get_registry
     from .train import TrainConfig, prepare_samples
     from .train import train as run_training
 
+    if bf16:
+        precision = "bf16"
     registry = get_registry()
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, patch=patch, learning_rate=learning_rate,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, diam_mean=diam_mean,
         images_per_epoch=images_per_epoch, sampling=sampling, seed=seed, eval_every=eval_every,
-        eval_images=eval_images, checkpoint_every=checkpoint_every, bf16=bf16, threads=threads,
+        eval_images=eval_images, checkpoint_every=checkpoint_every,
+        bf16=resolve_precision(precision) == "bf16", threads=threads,
         channels=_channels(channels), size_epochs=size_epochs,
     )
     base = resolve_model(base_ref, registry) if base_ref else None

@@ -8,6 +8,7 @@ import shutil
 from click.testing import CliRunner
 
 from cellplug.cli import main
+from cellplug.inference import bf16_supported
 
 
 def _folder(tmp_path, data_dir, with_metadata=True):
@@ -31,7 +32,8 @@ def test_train_cli_with_groups_and_validation_list(tmp_path, data_dir):
     out = tmp_path / "m.pth"
     args = ["train", str(src), "--out", str(out), "--val-list", str(val), "--epochs", "2",
             "--patch", "48", "--diam-mean", "17", "--sampling", "sqrt", "--group-by", "modality",
-            "--eval-every", "1", "--size-epochs", "1", "--threads", "1", "-q"]
+            "--eval-every", "1", "--size-epochs", "1", "--threads", "1", "--precision", "auto",
+            "-q"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -40,6 +42,8 @@ def test_train_cli_with_groups_and_validation_list(tmp_path, data_dir):
     assert training["data"]["groups"] == ["src/fluorescence", "src/histology"]
     assert "val" in training["history"][-1]  # AP on the held-out image was computed
     assert meta["metrics"]["ap"][0] >= 0
+    # auto: bfloat16 only where the CPU has it natively (emulated it is many times slower)
+    assert training["config"]["bf16"] is bf16_supported()
 
 
 def test_train_cli_group_by_needs_metadata(tmp_path, data_dir):
