@@ -145,6 +145,8 @@ def machine() -> dict:
                 info["sockets"] = int(val)
             elif key == "Thread(s) per core":
                 info["threads_per_core"] = int(val)
+            elif key in ("CPU family", "Model"):  # tells CPU generations of one name apart
+                info["cpu_family" if key == "CPU family" else "cpu_model_number"] = val
     except (OSError, subprocess.CalledProcessError, ValueError):
         pass
     return info

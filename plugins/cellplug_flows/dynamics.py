@@ -26,18 +26,25 @@ _IDLE = -(1 << 40)  # step count of an idle lane: never reaches niter
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _step(fl, y, x, ly, lx):
+def _step(fl, y, x, ly, lx, interp):
     """One Euler step from (y, x), clamped to the image.
 
     ``fl`` is the field flattened from (H + 1, W + 1, 2): both components of a pixel side by
     side, plus a row and a column of zeros, so the far neighbours of the last row and column
     need no clamping (their weight is exactly 0 there, as positions are clamped to H - 1 and
-    W - 1). Unsigned indices spare numba's negative-index wraparound code.
+    W - 1). Unsigned indices spare numba's negative-index wraparound code. Without
+    ``interp`` the step is the field at the pixel the position lies in (Cellpose's
+    ``steps2D``, used by its size model).
     """
     zero = np.float32(0.0)
     one = np.float32(1.0)
     yf = np.uint64(int(y))
     xf = np.uint64(int(x))
+    if not interp:
+        p = (yf * np.uint64(lx + 1) + xf) * np.uint64(2)
+        ny = min(np.float32(ly - 1), max(zero, y + fl[p]))
+        nx = min(np.float32(lx - 1), max(zero, x + fl[p + np.uint64(1)]))
+        return ny, nx
     oy = np.uint64(2 * (lx + 1))  # next row
     ox = np.uint64(2)  # next column
     wy = y - np.floor(y)  # == y - float(int(y)) for y >= 0, and cheaper
@@ -71,7 +78,7 @@ def _done(ny, nx, py, px, t, niter):
 
 
 @njit(cache=True, nogil=True)
-def _follow_range(fl3, ys, xs, lo, hi, niter, out):
+def _follow_range(fl3, ys, xs, lo, hi, niter, interp, out):
     """Follow pixels ``lo..hi-1`` of (ys, xs) for ``niter`` steps; write end points to out.
 
     Lanes live in registers in the hot loop; the rare bookkeeping (a lane finished) goes
@@ -103,10 +110,10 @@ def _follow_range(fl3, ys, xs, lo, hi, niter, out):
     y2, x2, py2, px2, t2 = st[2, 0], st[2, 1], st[2, 2], st[2, 3], tt[2]
     y3, x3, py3, px3, t3 = st[3, 0], st[3, 1], st[3, 2], st[3, 3], tt[3]
     while active > 0:
-        ny0, nx0 = _step(fl, y0, x0, ly, lx)
-        ny1, nx1 = _step(fl, y1, x1, ly, lx)
-        ny2, nx2 = _step(fl, y2, x2, ly, lx)
-        ny3, nx3 = _step(fl, y3, x3, ly, lx)
+        ny0, nx0 = _step(fl, y0, x0, ly, lx, interp)
+        ny1, nx1 = _step(fl, y1, x1, ly, lx, interp)
+        ny2, nx2 = _step(fl, y2, x2, ly, lx, interp)
+        ny3, nx3 = _step(fl, y3, x3, ly, lx, interp)
         t0 += 1
         t1 += 1
         t2 += 1
@@ -153,12 +160,12 @@ def _follow_range(fl3, ys, xs, lo, hi, niter, out):
 
 
 @njit(cache=True, parallel=True)
-def _follow(fl, ys, xs, niter, out, nchunks):
+def _follow(fl, ys, xs, niter, interp, out, nchunks):
     n = ys.shape[0]
     for c in prange(nchunks):
         lo = c * n // nchunks
         hi = (c + 1) * n // nchunks
-        _follow_range(fl, ys, xs, lo, hi, niter, out)
+        _follow_range(fl, ys, xs, lo, hi, niter, interp, out)
 
 
 @njit(cache=True, nogil=True)
@@ -200,7 +207,12 @@ def _coords(inside):
 
 
 def follow_flows(
-    flows: np.ndarray, inside: np.ndarray, niter: int = 200, *, zero_outside: bool = False
+    flows: np.ndarray,
+    inside: np.ndarray,
+    niter: int = 200,
+    *,
+    zero_outside: bool = False,
+    interp: bool = True,
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Move every pixel of ``inside`` along ``flows`` for ``niter`` Euler steps.
 
@@ -219,6 +231,10 @@ def follow_flows(
     zero_outside
         Treat the flows outside ``inside`` as 0 (Cellpose follows ``flows * inside``);
         default False.
+    interp
+        Bilinear interpolation (default). ``False`` takes the field at the pixel the
+        position lies in, ``flows[:, int(y), int(x)]``, as Cellpose's ``interp=False``
+        dynamics do (its size model segments that way).
 
     Returns
     -------
@@ -252,5 +268,5 @@ def follow_flows(
     # dynamically balance the load when other processes take CPU time from some threads
     nchunks = max(1, min(npix // 1024, 64 * numba.get_num_threads()))
     with numba.parallel_chunksize(1):
-        _follow(fl, start[0], start[1], niter, out, nchunks)
+        _follow(fl, start[0], start[1], niter, bool(interp), out, nchunks)
     return out, start

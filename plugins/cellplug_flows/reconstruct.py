@@ -295,6 +295,7 @@ def flows_to_masks(
     flow_threshold: float = 0.4,
     min_size: int = 15,
     max_size_fraction: float = 0.4,
+    interp: bool = True,
     **_ignored: object,
 ) -> np.ndarray:
     """Rebuild a label image from a flow field and a cell-probability map.
@@ -318,6 +319,9 @@ def flows_to_masks(
         Masks smaller than this many pixels are dropped; default 15. ``<= 0`` keeps all.
     max_size_fraction
         Masks larger than this fraction of the image are dropped; default 0.4.
+    interp
+        Bilinear interpolation of the flows during the dynamics (default); ``False``
+        steps with the flow of the pixel a position lies in, as Cellpose's size model does.
 
     Returns
     -------
@@ -333,7 +337,7 @@ def flows_to_masks(
     inside = cellprob > cellprob_threshold
     if not inside.any():
         return np.zeros(cellprob.shape, np.uint32)
-    final, start = follow_flows(flows, inside, niter=niter, zero_outside=True)
+    final, start = follow_flows(flows, inside, niter=niter, zero_outside=True, interp=interp)
     labels = cluster_end_points(final, start, cellprob.shape, max_size_fraction)
     if flow_threshold is not None and flow_threshold > 0 and labels.max() > 0:
         errors = flow_errors(labels, flows)

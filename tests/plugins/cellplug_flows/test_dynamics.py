@@ -34,6 +34,22 @@ def reference_follow(flows, inside, niter):
     return np.stack([y, x])
 
 
+def reference_follow_nearest(flows, inside, niter):
+    """Cellpose's ``steps2D`` (``interp=False``) as a plain loop: the step is the field at
+    ``(int(y), int(x))``, then position + step clamped to [0, size - 1], in float32."""
+    flows = np.nan_to_num(np.asarray(flows, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    ly, lx = inside.shape
+    ys, xs = np.nonzero(inside)
+    y = ys.astype(np.float32)
+    x = xs.astype(np.float32)
+    for _ in range(niter):
+        yi, xi = y.astype(np.int64), x.astype(np.int64)
+        dy, dx = flows[0, yi, xi], flows[1, yi, xi]
+        y = np.minimum(np.float32(ly - 1), np.maximum(np.float32(0), y + dy))
+        x = np.minimum(np.float32(lx - 1), np.maximum(np.float32(0), x + dx))
+    return np.stack([y, x])
+
+
 @pytest.fixture(scope="module")
 def real_flows(fluo_pair):
     _, labels = fluo_pair
@@ -59,6 +75,30 @@ def test_bit_identical_to_plain_loop_on_random_fields(seed):
     for niter in (5, 60):
         final, _ = follow_flows(flows, inside, niter)
         np.testing.assert_array_equal(final, reference_follow(flows, inside, niter))
+
+
+@pytest.mark.parametrize("niter", [1, 2, 17, 200])
+def test_without_interpolation_matches_the_nearest_pixel_loop(real_flows, niter):
+    flows, inside = real_flows
+    rng = np.random.default_rng(niter)
+    noisy = (flows + rng.normal(0, 0.3, flows.shape)).astype(np.float32)
+    for field in (flows * inside, noisy):
+        final, _ = follow_flows(field, inside, niter, interp=False)
+        np.testing.assert_array_equal(final, reference_follow_nearest(field, inside, niter))
+    # the first step starts on pixel centres, where both agree; after it they differ
+    interpolated = follow_flows(noisy, inside, niter)[0]
+    assert np.array_equal(final, interpolated) == (niter == 1)
+
+
+def test_without_interpolation_matches_cellpose_steps2d(real_flows):
+    """Cellpose 3's ``steps2D``, which its size model runs (``interp=False``)."""
+    cp_dynamics = pytest.importorskip("cellpose.dynamics")
+    flows, inside = real_flows
+    field = (flows * inside).astype(np.float32)
+    p = np.stack(np.nonzero(inside)).astype(np.float32)
+    want = cp_dynamics.steps2D(p, field, 200)
+    final, _ = follow_flows(field, inside, 200, interp=False)
+    np.testing.assert_array_equal(final, want)
 
 
 def test_constant_field_moves_straight_and_stops_at_the_border():
