@@ -88,7 +88,9 @@ def register_mask_reconstructors(register: Register) -> None:
     - ``flows``: float32 (2, H, W), unit-scale flow field from a decoder;
     - ``cellprob``: float32 (H, W), cell-probability logit;
     - ``params``: keyword parameters (``niter``, ``cellprob_threshold``, ``flow_threshold``,
-      ``min_size``, ...); a reconstructor must accept and ignore ones it does not use;
+      ``min_size``, ``interp``, ...); a reconstructor must accept and ignore ones it does not
+      use. ``interp=False`` is passed by the size model's second pass: Cellpose steps there
+      with the flow of the pixel a position lies in instead of interpolating it;
     - ``labels``: uint32 (H, W), 0 = background, objects numbered 1..N.
     """
 
