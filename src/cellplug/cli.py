@@ -421,6 +421,8 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
               help="Segment each image at the median diameter of its ground-truth objects "
                    "(what the size model could reach at best).")
 @click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True, help="As for segment: auto = bf16 where the CPU has it natively.")
 @click.option("--stems", "stems_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Only evaluate the stems listed in this file (one per line).")
 @click.option("--group-by", default=None, metavar="CSV:COLUMN",
@@ -431,7 +433,8 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
 @click.option("--threads", type=int, default=None)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diameter: float,
-             true_diameter: bool, channels: tuple[int, int], stems_file: Path | None,
+             true_diameter: bool, channels: tuple[int, int], precision: str,
+             stems_file: Path | None,
              group_by: str | None, mask_suffix: str, out_path: Path | None, threads: int | None,
              quiet: bool) -> None:
     """Score predictions (or segment images, then score) against ground-truth masks.
@@ -459,7 +462,8 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
         from .segmenter import Segmenter, SegmentOptions, median_diameter
 
         segmenter = Segmenter.from_model(model_ref, threads=threads)
-        opts = SegmentOptions(diameter=diameter, channels=_channels(channels))
+        opts = SegmentOptions(diameter=diameter, channels=_channels(channels),
+                              precision=precision)
     from .metrics import DEFAULT_THRESHOLDS
 
     report = EvalReport(DEFAULT_THRESHOLDS)

@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import tifffile
 from click.testing import CliRunner
 
@@ -156,6 +157,31 @@ def test_eval_true_diameter_segments_at_the_ground_truth_diameter(
     ]
     assert used == expected
     assert expected[0] != expected[1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_eval_precision_reaches_the_segmenter(tmp_path, data_dir, random_model, monkeypatch,
+                                              precision):
+    from cellplug.segmenter import Segmenter
+
+    used = []
+    real = Segmenter.segment
+
+    def spy(self, image, options=None, **overrides):
+        used.append(options.precision)
+        return real(self, image, options, **overrides)
+
+    monkeypatch.setattr(Segmenter, "segment", spy)
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    (img_dir / "dsb2018_fluo.tif").write_bytes((data_dir / "dsb2018_fluo.tif").read_bytes())
+    r = CliRunner().invoke(
+        main,
+        ["eval", str(img_dir), "--masks", str(data_dir), "--model", str(random_model),
+         "--diameter", "17", "--precision", precision, "-q"],
+    )
+    assert r.exit_code == 0, r.output
+    assert used == [precision]
 
 
 def test_eval_missing_ground_truth_is_an_error(tmp_path, data_dir):
