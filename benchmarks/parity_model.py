@@ -86,6 +86,7 @@ def main() -> int:
     cp_size = cp_models.SizeModel(cp, pretrained_size=str(size_path))
 
     default_precision = resolve_precision("auto")
+    run = {"default_precision": default_precision, "machine": machine()}  # load before the run
     images = validation_images(args.limit)
     rows = []
     for img_path, gt_path, group in images:
@@ -122,7 +123,6 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    run = {"default_precision": default_precision, "machine": machine()}
     return report(str(info.weights), rows, out_path=args.out, run=run)
 
 
