@@ -53,7 +53,8 @@ def parity(session: nox.Session) -> None:
     if not session.posargs:  # the unit tests that compare against Cellpose directly
         session.install("pytest")
         session.run("pytest", "-q", "-rs", "tests/cellplug/test_tiling.py",
-                    "tests/plugins/cellplug_unet/test_network.py")
+                    "tests/plugins/cellplug_unet/test_network.py",
+                    "tests/plugins/cellplug_flows/test_dynamics.py")
 
 
 @nox.session
