@@ -3,7 +3,7 @@
     python training/checkpoint_from_model.py plugins/cellplug_zoo/weights/generalist.pth \
         runs/generalist6/ckpt
 
-Writes ``checkpoint.pt`` (the model's weights, loaded with cellplug's safe loader, as
+Writes ``checkpoint.pt`` (the model's weights as cellplug's safe loader returns them, i.e.
 float32; no optimiser state, so AdamW starts its moment estimates afresh) and
 ``checkpoint.json`` (the epoch and history recorded in the model's metadata), so that
 ``cellplug train ... --resume --epochs N`` continues the model's own epoch count and
@@ -24,9 +24,7 @@ from cellplug.models import load_state_dict
 def main(model_pth: str, ckpt_dir: str) -> None:
     src, dst = Path(model_pth), Path(ckpt_dir)
     history = json.loads(src.with_suffix(".json").read_text())["training"]["history"]
-    state = {
-        k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(src).items()
-    }
+    state = load_state_dict(src)
     epoch = int(history[-1]["epoch"])
     dst.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "epoch": epoch}, dst / "checkpoint.pt")
