@@ -47,14 +47,16 @@ def _reference_env(session: nox.Session) -> None:
 def parity(session: nox.Session) -> None:
     """Numerical parity with Cellpose 3.1.1.2 (needs ../shared/data for real images)."""
     _reference_env(session)
-    scripts = session.posargs or sorted(glob.glob("benchmarks/parity_*.py"))
-    for script in scripts:
+    if session.posargs:  # one script and its arguments: -- benchmarks/parity_model.py MODEL
+        session.run("python", *session.posargs)
+        return
+    for script in sorted(glob.glob("benchmarks/parity_*.py")):
         session.run("python", script)
-    if not session.posargs:  # the unit tests that compare against Cellpose directly
-        session.install("pytest")
-        session.run("pytest", "-q", "-rs", "tests/cellplug/test_tiling.py",
-                    "tests/plugins/cellplug_unet/test_network.py",
-                    "tests/plugins/cellplug_flows/test_dynamics.py")
+    # the unit tests that compare against Cellpose directly
+    session.install("pytest")
+    session.run("pytest", "-q", "-rs", "tests/cellplug/test_tiling.py",
+                "tests/plugins/cellplug_unet/test_network.py",
+                "tests/plugins/cellplug_flows/test_dynamics.py")
 
 
 @nox.session
@@ -62,6 +64,8 @@ def bench(session: nox.Session) -> None:
     """Speed against Cellpose 3.1.1.2 measured in the same run; results in benchmarks/results/."""
     _reference_env(session)
     session.install("psutil")
-    scripts = session.posargs or sorted(glob.glob("benchmarks/bench_*.py"))
-    for script in scripts:
+    if session.posargs:  # one script and its arguments
+        session.run("python", *session.posargs)
+        return
+    for script in sorted(glob.glob("benchmarks/bench_*.py")):
         session.run("python", script)
