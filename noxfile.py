@@ -43,15 +43,25 @@ def _reference_env(session: nox.Session) -> None:
     session.install("-e", ".")
 
 
+def _run_scripts(session: nox.Session, pattern: str) -> bool:
+    """Run the posargs as one script with its arguments, else every script matching pattern.
+
+    Returns True when the posargs were run (so a session can skip its extras).
+    """
+    if session.posargs:  # e.g. -- benchmarks/parity_model.py runs/x/generalist.pth --out ...
+        session.run("python", *session.posargs)
+        return True
+    for script in sorted(glob.glob(pattern)):
+        session.run("python", script)
+    return False
+
+
 @nox.session
 def parity(session: nox.Session) -> None:
     """Numerical parity with Cellpose 3.1.1.2 (needs ../shared/data for real images)."""
     _reference_env(session)
-    if session.posargs:  # one script and its arguments: -- benchmarks/parity_model.py MODEL
-        session.run("python", *session.posargs)
+    if _run_scripts(session, "benchmarks/parity_*.py"):
         return
-    for script in sorted(glob.glob("benchmarks/parity_*.py")):
-        session.run("python", script)
     # the unit tests that compare against Cellpose directly
     session.install("pytest")
     session.run("pytest", "-q", "-rs", "tests/cellplug/test_tiling.py",
@@ -64,8 +74,4 @@ def bench(session: nox.Session) -> None:
     """Speed against Cellpose 3.1.1.2 measured in the same run; results in benchmarks/results/."""
     _reference_env(session)
     session.install("psutil")
-    if session.posargs:  # one script and its arguments
-        session.run("python", *session.posargs)
-        return
-    for script in sorted(glob.glob("benchmarks/bench_*.py")):
-        session.run("python", script)
+    _run_scripts(session, "benchmarks/bench_*.py")
