@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +278,15 @@ def train(
 
     say = log_fn or (lambda m: log.info(m))
     registry = registry or get_registry()
+    if base_model is not None:
+        # a fine-tune keeps the base's architecture and object size; record those, not the
+        # options' defaults, so the saved training config says what was actually used
+        config = replace(
+            config,
+            backbone=base_model.backbone,
+            decoder=base_model.decoder,
+            diam_mean=base_model.diam_mean,
+        )
     decoder = registry.get("decoder", config.decoder)
     if config.threads:
         torch.set_num_threads(config.threads)

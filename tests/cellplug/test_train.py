@@ -66,6 +66,9 @@ def test_fine_tune_lowers_loss_and_saves_a_model_that_segments(samples, random_m
     meta = json.loads(result.model_path.with_suffix(".json").read_text())
     assert meta["base_model"] == "random"
     assert meta["diam_mean"] == pytest.approx(17.0)
+    # the recorded config is the effective one (the base's object size), not the option default
+    assert config.diam_mean == 30.0
+    assert meta["training"]["config"]["diam_mean"] == pytest.approx(17.0)
     assert len(meta["size_model"]["A"]) == 256 and len(meta["style_centroid"]) == 256
     assert len(meta["training"]["history"]) == 12
 
