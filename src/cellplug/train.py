@@ -293,11 +293,10 @@ def train(
     torch.manual_seed(config.seed)
     if base_model is not None:
         net = build_network(base_model, registry)
-        diam_mean = base_model.diam_mean
     else:
         factory = registry.get("backbone", config.backbone)
         net = factory(n_channels=2, n_outputs=decoder.n_outputs, diam_mean=config.diam_mean)
-        diam_mean = config.diam_mean
+    diam_mean = config.diam_mean  # the base's when fine-tuning (see above)
     if not train_samples:
         raise CellplugError("no training images (with enough objects) to train on")
     diam_labels = float(np.mean([s.diameter for s in train_samples]))
