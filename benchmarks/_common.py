@@ -131,6 +131,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9, 1),
     }
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -147,6 +148,8 @@ def machine() -> dict:
                 info["threads_per_core"] = int(val)
             elif key in ("CPU family", "Model"):  # tells CPU generations of one name apart
                 info["cpu_family" if key == "CPU family" else "cpu_model_number"] = val
+            elif key == "Flags":  # native bfloat16 decides what --precision auto means
+                info["native_bf16"] = "avx512_bf16" in val.split() or "amx_bf16" in val.split()
     except (OSError, subprocess.CalledProcessError, ValueError):
         pass
     return info

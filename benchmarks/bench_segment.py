@@ -52,6 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import data_root, machine  # noqa: E402
+
 # cellplug sets OMP_WAIT_POLICY on import; workers get the environment the user started with
 _USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,11 +78,6 @@ LEVERS = {
     "cellplug 1 thread": ("cellplug", {}, 1, {}),
     "cellplug whole 1 thread": ("cellplug", {"tile": "auto"}, 1, {}),
 }
-
-
-def data_dir() -> Path:
-    env = os.environ.get("CELLPLUG_DATA")
-    return Path(env) if env else (ROOT.parent / "shared" / "data")
 
 
 def mosaic_stems(folder: Path, n: int = 16) -> list[str]:
@@ -116,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    image = make_image(args.size, data_dir())
+    image = make_image(args.size, data_root())
     warm = image[:256, :256]
     options = json.loads(args.options)
     timings: dict[str, float] = {}
@@ -259,10 +257,9 @@ def resolve_weights(arg: str | None, tmp: Path) -> tuple[str, str]:
         return str(info.weights), f"bundled model {info.name!r}"
     except CellplugError:
         pass
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import parity_backbone
 
-    calib = make_image(512, data_dir())
+    calib = make_image(512, data_root())
     path = parity_backbone.make_weights(tmp / "random", calib)
     return str(path), "random weights (parity_backbone.make_weights): masks are fragile"
 
@@ -289,8 +286,8 @@ def main() -> int:
         doc = json.loads(Path(args.render).read_text())
         (RESULTS / "bench_segment.md").write_text(_markdown(doc))
         return 0
-    if not (data_dir() / "dsb2018").is_dir():
-        print(f"bench_segment: skipped, no dsb2018 data under {data_dir()}")
+    if not (data_root() / "dsb2018").is_dir():
+        print(f"bench_segment: skipped, no dsb2018 data under {data_root()}")
         return 0
     try:
         import cellpose
@@ -336,7 +333,7 @@ def main() -> int:
     doc = {
         "benchmark": "bench_segment",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(),
+        "machine": machine(),
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.time() - started, 1),
@@ -359,7 +356,7 @@ def main() -> int:
             "kind": "mosaics of 512x512 centre crops (rows 4-515, cols 92-603) of "
             "the 520x696 dsb2018 fluorescence images with the most objects, "
             "row-major",
-            "stems": mosaic_stems(data_dir(), (max(args.sizes) // 512) ** 2),
+            "stems": mosaic_stems(data_root(), (max(args.sizes) // 512) ** 2),
         },
         "results": rows,
     }
@@ -389,7 +386,8 @@ def _markdown(doc: dict) -> str:
     lines = [
         "# Segmentation speed: cellplug vs Cellpose 3.1.1.2",
         "",
-        f"- date: {doc['date']}; machine: {m['cpu']}, {m['cores']} cores "
+        f"- date: {doc['date']}; machine: {m.get('cpu_model') or m.get('cpu')}, "
+        f"{m.get('cores') or m.get('cores_per_socket', 0) * m.get('sockets', 1) or '?'} cores "
         f"({m['logical_cpus']} logical CPUs), {m['memory_gb']} GB; load average "
         f"{doc['load_average_start']} at start, {doc['load_average_end']} at end",
         f"- versions: {doc['versions']}",
@@ -444,27 +442,6 @@ def _markdown(doc: dict) -> str:
             f"{passive['seconds'] / ours['seconds']:.2f}x"
         )
     return "\n".join(lines) + "\n"
-
-
-def _machine() -> dict:
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": None,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9, 1),
-    }
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info["cpu"] = fields.get("Model name", info["cpu"])
-        cores = int(fields.get("Core(s) per socket", 0)) * int(fields.get("Socket(s)", 1))
-        info["cores"] = cores or None
-        info["flags_bf16"] = "avx512_bf16" in fields.get("Flags", "")
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        pass
-    return info
 
 
 if __name__ == "__main__":
