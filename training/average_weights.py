@@ -17,6 +17,7 @@ data:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -64,7 +65,10 @@ def main(argv: list[str]) -> None:
     if metas:
         meta = json.loads(metas[-1].read_text())
         meta["name"] = out.stem
-        meta.setdefault("training", {})["averaged_from"] = [str(p) for p in inputs]
+        meta.setdefault("training", {})["averaged_from"] = [
+            {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+            for p in inputs
+        ]
         out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"saved {out} (average of {len(inputs)})")
 

@@ -344,8 +344,10 @@ def save_model(
         .detach().cpu().clone()
         for k, v in net.state_dict().items()
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # saved through a file object: torch.save(state, tmp) would put the random temporary name
+    # into the archive, so the same weights would give a different file (and sha256) each time
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
     meta = {"format": FORMAT, **metadata}
     write_json(_metadata_path(path), meta)
     return path

@@ -203,6 +203,14 @@ def sampling_probabilities(samples: Sequence[Sample], mode: str) -> np.ndarray |
     return p / p.sum()
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def data_fingerprint(samples: Sequence[Sample]) -> str:
     h = hashlib.sha256()
     for s in sorted(samples, key=lambda s: (s.group, s.stem)):
@@ -432,6 +440,8 @@ def train(
         "size_model": size_model.to_dict(),
         "style_centroid": centroid.tolist(),
         "base_model": base_model.name if base_model else None,
+        # which weights exactly: a name like "generalist" changes meaning between releases
+        "base_sha256": _sha256(base_model.weights) if base_model else None,
         "training": {
             "config": {
                 k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
@@ -442,6 +452,12 @@ def train(
             "data_hash": data_fingerprint(train_samples),
             "seconds": round(seg_time, 1),
             "history": history,
+            # a base made by weight averaging (training/average_weights.py) names its inputs
+            **(
+                {"averaged_from": base_model.metadata["training"]["averaged_from"]}
+                if base_model and "averaged_from" in base_model.metadata.get("training", {})
+                else {}
+            ),
         },
         "metrics": history[-1].get("val", {}) if history else {},
     }

@@ -182,3 +182,6 @@ def test_save_and_load_round_trip(tmp_path):
     half = save_model(tmp_path / "half.pth", net, {"name": "half"}, half=True)
     assert load_state_dict(half)["output.2.weight"].dtype == torch.float16
     assert next(build_network(resolve_model(half)).parameters()).dtype == torch.float32
+    # the same weights give the same bytes (no temporary file name inside the archive)
+    again = save_model(tmp_path / "again" / "half.pth", net, {"name": "half"}, half=True)
+    assert again.read_bytes() == half.read_bytes()

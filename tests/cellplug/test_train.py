@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -65,6 +66,8 @@ def test_fine_tune_lowers_loss_and_saves_a_model_that_segments(samples, random_m
     assert "output.2.weight" in state
     meta = json.loads(result.model_path.with_suffix(".json").read_text())
     assert meta["base_model"] == "random"
+    assert meta["base_sha256"] == hashlib.sha256(base.weights.read_bytes()).hexdigest()
+    assert "averaged_from" not in meta["training"]  # only for a base made by averaging
     assert meta["diam_mean"] == pytest.approx(17.0)
     # the recorded config is the effective one (the base's object size), not the option default
     assert config.diam_mean == 30.0
