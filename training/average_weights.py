@@ -17,13 +17,13 @@ data:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from cellplug.io import file_sha256
 from cellplug.models import load_state_dict
 
 
@@ -66,8 +66,7 @@ def main(argv: list[str]) -> None:
         meta = json.loads(metas[-1].read_text())
         meta["name"] = out.stem
         meta.setdefault("training", {})["averaged_from"] = [
-            {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-            for p in inputs
+            {"path": str(p), "sha256": file_sha256(p)} for p in inputs
         ]
         out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"saved {out} (average of {len(inputs)})")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from . import metrics, transforms
+from . import io, metrics, transforms
 from .annotations import Annotation
 from .errors import CellplugError
 from .models import ModelInfo, SizeModel, build_network, save_model
@@ -201,14 +201,6 @@ def sampling_probabilities(samples: Sequence[Sample], mode: str) -> np.ndarray |
     total = sum(math.sqrt(n) for n in groups.values())
     p = np.array([math.sqrt(groups[s.group]) / total / groups[s.group] for s in samples])
     return p / p.sum()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_fingerprint(samples: Sequence[Sample]) -> str:
@@ -441,7 +433,7 @@ def train(
         "style_centroid": centroid.tolist(),
         "base_model": base_model.name if base_model else None,
         # which weights exactly: a name like "generalist" changes meaning between releases
-        "base_sha256": _sha256(base_model.weights) if base_model else None,
+        "base_sha256": io.file_sha256(base_model.weights) if base_model else None,
         "training": {
             "config": {
                 k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
@@ -452,15 +444,13 @@ def train(
             "data_hash": data_fingerprint(train_samples),
             "seconds": round(seg_time, 1),
             "history": history,
-            # a base made by weight averaging (training/average_weights.py) names its inputs
-            **(
-                {"averaged_from": base_model.metadata["training"]["averaged_from"]}
-                if base_model and "averaged_from" in base_model.metadata.get("training", {})
-                else {}
-            ),
         },
         "metrics": history[-1].get("val", {}) if history else {},
     }
+    # a base made by weight averaging (training/average_weights.py) names its inputs
+    base_training = base_model.metadata.get("training", {}) if base_model else {}
+    if "averaged_from" in base_training:
+        meta["training"]["averaged_from"] = base_training["averaged_from"]
     path = save_model(out_path, net, meta, half=True)
     return TrainResult(path, history)
 
