@@ -53,12 +53,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import data_root, machine  # noqa: E402
+from _common import RESULTS, data_root, machine  # noqa: E402
 
 # cellplug sets OMP_WAIT_POLICY on import; workers get the environment the user started with
 _USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 CROP = (slice(4, 516), slice(92, 604))  # the centre 512 x 512 of a 520 x 696 image
 MIN_AP = 0.98
 
