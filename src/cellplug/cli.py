@@ -1,16 +1,22 @@
 """The ``cellplug`` command line: parse options, call library functions, report.
 
 User errors (:class:`~cellplug.errors.CellplugError`) are printed as one line on stderr with
-exit code 1; outputs are written only when an image succeeded, atomically.
+exit code 1; anything else escaping a command is a bug, reported as one line too (the
+traceback with ``cellplug --debug``). Outputs are written only when an image succeeded, all
+of them or none, atomically; SIGTERM is handled like Ctrl-C (exit 143 and 130), so an
+interrupted run leaves no partial output either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +33,58 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _report(line: str, err: bool = True) -> None:
+    """One line (on stderr by default), on a line of its own even while a progress bar runs."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        click.echo(line, err=err)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, kill, batch schedulers), unwound exactly like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a GUI worker): leave it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
         try:
-            return super().invoke(ctx)
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
         except CellplugError as exc:
-            click.echo(f"error: {_one_line(exc)}", err=True)
+            if debug:
+                raise
+            _report(f"error: {_one_line(exc)}")
             ctx.exit(1)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, _Terminated)
+            _report(f"error: {'terminated' if terminated else 'interrupted'}; outputs of the "
+                    f"image in progress were not written")
+            ctx.exit(143 if terminated else 130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            _report(f"error: internal error (a bug, please report it): {type(exc).__name__}: "
+                    f"{_one_line(exc)} (rerun with --debug for the traceback)")
+            ctx.exit(70)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
@@ -43,8 +94,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):  #
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="cellplug")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
-def main(ctx: click.Context) -> None:
+def main(ctx: click.Context, debug: bool) -> None:
     """Cell segmentation with flow fields, built from plugins."""
     # for this invocation only (CliRunner, notebooks): restored when the command ends
     ctx.with_resource(warnings.catch_warnings())
@@ -157,88 +209,142 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary and write summary.json.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
+@click.option("--axes", default=None, metavar="AXES",
+              help="Dimension order of the stored images (e.g. YX, CYX, YXC, ZYX), for files "
+                   "without axis metadata; default: from the file, else guessed (with a "
+                   "warning).")
+@click.option("--on-error", type=click.Choice(["skip", "stop"]), default="skip",
+              show_default=True,
+              help="skip: report a bad image and go on with the others; stop: stop at the first.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None,
             diameter: float, channels: tuple[int, int], invert: bool, flow_threshold: float,
             cellprob_threshold: float, min_size: int, niter: int | None, tile: str,
             precision: str, augment: bool, batch_size: int, save: tuple[str, ...], as_json: bool,
-            threads: int | None, quiet: bool) -> None:
-    """Segment images (files or folders) and write <stem>_masks.tif for each."""
+            threads: int | None, axes: str | None, on_error: str, quiet: bool) -> None:
+    """Segment images (files or folders) and write <stem>_masks.tif for each.
+
+    A bad input is reported on one line and the other images are still segmented (exit
+    code 1 at the end). Outputs go beside each input, or into --out; two inputs that would
+    write the same output file (a/img.tif and b/img.tif with one --out, or img.png beside
+    img.tif) are refused before anything runs.
+    """
     from tqdm import tqdm
 
     from . import io
     from .segmenter import Segmenter, SegmentOptions
 
-    if diameter < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--diameter")
-    files = io.list_images(list(inputs))
+    if not diameter >= 0 or diameter == float("inf"):
+        raise click.BadParameter("must be a number >= 0", param_hint="--diameter")
+    files, problems = io.collect_images(list(inputs))
+    plans = {path: _output_targets(path, out_dir, save) for path in files}
+    _check_unique_outputs(plans)
     opts = SegmentOptions(
         diameter=diameter, channels=_channels(channels), invert=invert,
         tile={"on": True, "off": False}.get(tile, tile), precision=precision, augment=augment,
         batch_size=batch_size, niter=niter, cellprob_threshold=cellprob_threshold,
         flow_threshold=flow_threshold, min_size=min_size,
     )
-    segmenter = Segmenter.from_model(model_ref, threads=threads)
     summary: list[dict[str, Any]] = []
-    failed = 0
+    for problem in problems:  # missing files, empty folders: the rest still runs
+        _report(f"error: {_one_line(problem)}")
+        summary.append({"image": str(problem.path), "error": _one_line(problem)})
+        if on_error == "stop":
+            raise SystemExit(1)
+    failed = len(problems)
+    segmenter = Segmenter.from_model(model_ref, threads=threads) if files else None
     for path in tqdm(files, desc="segmenting", unit="image", disable=quiet or len(files) < 2):
+        assert segmenter is not None
         try:
-            image = io.read_image(path)
+            image = io.read_image(path, axes=axes)
             t0 = time.perf_counter()
             result = segmenter.segment(image, opts)
             seconds = time.perf_counter() - t0
-            written = _write_outputs(path, out_dir, image, result, save)
+            written = _write_outputs(plans[path], image, result)
         except CellplugError as exc:
             msg = _one_line(exc)
             if str(path) not in msg:  # e.g. a bad --channels for this image: say which one
                 msg = f"{path}: {msg}"
-            click.echo(f"error: {msg}", err=True)
+            _report(f"error: {msg}")
+            summary.append({"image": str(path), "error": msg})
             failed += 1
+            if on_error == "stop":
+                break
             continue
         summary.append({"image": str(path), "masks": str(written[0]), "objects": result.n_objects,
                         "diameter": round(result.diameter, 2), "seconds": round(seconds, 3),
                         "outputs": [str(w) for w in written]})
         if not quiet and not as_json:
-            click.echo(f"{path}: {result.n_objects} objects "
-                       f"(diameter {result.diameter:.1f} px) -> {written[0]}")
+            _report(f"{path}: {result.n_objects} objects "
+                    f"(diameter {result.diameter:.1f} px) -> {written[0]}", err=False)
     if as_json:
-        doc = {"model": segmenter.model.name, "images": summary}
+        doc = {"model": segmenter.model.name if segmenter else None, "images": summary,
+               "failed": failed}
         click.echo(json.dumps(doc, indent=2))
-        if summary:
-            target = (out_dir or Path(summary[0]["masks"]).parent) / "summary.json"
-            io.write_json(target, doc)
+        done = [Path(e["masks"]) for e in summary if "masks" in e]
+        if done:
+            target = (out_dir or done[0].parent) / "summary.json"
+            try:
+                io.write_json(target, doc)
+            except OSError as exc:
+                raise CellplugError(f"cannot write {target} ({exc.strerror or exc}); the "
+                                    f"images' outputs were written") from None
     if failed:
         raise SystemExit(1)
 
 
-def _write_outputs(path: Path, out_dir: Path | None, image, result, save) -> list[Path]:
-    """Write masks and extras for one image; on any failure remove what was written."""
+def _output_targets(path: Path, out_dir: Path | None, save: tuple[str, ...]) -> list[Path]:
+    """Where ``segment`` writes the outputs of ``path``: masks first, then each --save kind."""
+    folder = out_dir or path.parent
+    suffix = {"flows": "_flows.tif", "cellprob": "_cellprob.tif", "overlay": "_overlay.png"}
+    return [folder / f"{path.stem}_masks.tif"] + [
+        folder / f"{path.stem}{suffix[kind]}" for kind in SAVE_CHOICES if kind in save
+    ]
+
+
+def _check_unique_outputs(plans: dict[Path, list[Path]]) -> None:
+    """Refuse, before any work, two inputs that would write the same output file."""
+    owner: dict[Path, Path] = {}
+    for path, targets in plans.items():
+        key = targets[0].resolve()
+        if key in owner:
+            raise CellplugError(
+                f"{owner[key]} and {path} would both write {targets[0]}; give them different "
+                f"--out folders or rename one (nothing was written)"
+            )
+        owner[key] = path
+
+
+def _write_outputs(targets: list[Path], image, result) -> list[Path]:
+    """Write an image's outputs to ``targets`` (from :func:`_output_targets`): all or none.
+
+    An output that existed before is replaced only when every new one is ready, and kept
+    as it was when anything fails.
+    """
     from . import io, render
 
-    folder = out_dir or path.parent
-    stem = path.stem
-    jobs = [(folder / f"{stem}_masks.tif", lambda p: io.write_labels(p, result.labels))]
-    if "flows" in save:
-        jobs.append((folder / f"{stem}_flows.tif",
-                     lambda p: io.write_tiff(p, result.flows, axes="CYX")))
-    if "cellprob" in save:
-        jobs.append((folder / f"{stem}_cellprob.tif", lambda p: io.write_tiff(p, result.cellprob)))
-    if "overlay" in save:
-        jobs.append((folder / f"{stem}_overlay.png",
-                     lambda p: io.write_png(p, render.outline_overlay(image, result.labels))))
-    written: list[Path] = []
+    for target in targets:
+        if target.exists() and not target.is_file():
+            raise CellplugError(f"cannot write {target}: it exists and is not a file")
+    writers = {
+        "_masks.tif": lambda p: io.write_labels(p, result.labels, atomic=False),
+        "_flows.tif": lambda p: io.write_tiff(p, result.flows, "CYX", atomic=False),
+        "_cellprob.tif": lambda p: io.write_tiff(p, result.cellprob, "YX", atomic=False),
+        "_overlay.png": lambda p: io.write_png(
+            p, render.outline_overlay(image, result.labels), atomic=False),
+    }
     try:
-        for target, write in jobs:
-            try:
-                write(target)
-            except OSError as exc:  # read-only folder, disk full...
-                raise CellplugError(f"cannot write {target} ({exc.strerror or exc})") from None
-            written.append(target)
-    except BaseException:
-        for w in written:
-            w.unlink(missing_ok=True)
-        raise
-    return written
+        with io.atomic_paths(targets) as temps:
+            for target, tmp in zip(targets, temps, strict=True):
+                kind = next(k for k in writers if target.name.endswith(k))
+                try:
+                    writers[kind](tmp)
+                except OSError as exc:  # disk full...
+                    raise CellplugError(f"cannot write {target} ({exc.strerror or exc})") from None
+    except OSError as exc:  # read-only folder (no temporary file), a failed rename...
+        where = exc.filename2 or exc.filename or targets[0].parent
+        raise CellplugError(f"cannot write {where} ({exc.strerror or exc})") from None
+    return targets
 
 
 # -- train -------------------------------------------------------------------------------

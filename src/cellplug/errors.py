@@ -18,3 +18,7 @@ class InputError(CellplugError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class AxesGuessWarning(UserWarning):
+    """An image's dimension order was guessed (no axis metadata); ``--axes`` says it."""

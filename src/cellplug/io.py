@@ -13,19 +13,22 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import AxesGuessWarning, InputError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 OTHER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + OTHER_SUFFIXES
 EXTRA_OUTPUT_SUFFIXES = ("_flows", "_overlay", "_cellprob")  # what `segment --save` adds
 MAX_CHANNELS = 8  # more than this along a channel-like axis is treated as a stack, not colour
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+AXES_CODES = "YXCSZTQ"  # --axes letters: tifffile's codes (S = colour samples, Q = unknown)
 
 
 def is_image_path(path: Path) -> bool:
@@ -38,7 +41,9 @@ def _axes_to_yxc(data: np.ndarray, axes: str, path: Path) -> np.ndarray:
     A single axis of unknown meaning (tifffile's ``Q``, ImageJ's ``I``: pages of a TIFF
     written without axis metadata, e.g. ``tifffile.imwrite(f, (2, Y, X) array)``) is taken
     as channels when it has at most :data:`MAX_CHANNELS` entries, as for a PNG or an array
-    without metadata; longer ones are stacks and rejected.
+    without metadata, with an :class:`~cellplug.errors.AxesGuessWarning` (it may as well be
+    a small z-stack: ``axes=`` in :func:`read_image` says which); longer ones are stacks and
+    rejected.
     """
     axes = axes.upper()
     # drop singleton axes other than Y and X (T=1, Z=1, C=1, ...)
@@ -47,6 +52,13 @@ def _axes_to_yxc(data: np.ndarray, axes: str, path: Path) -> np.ndarray:
     axes = "".join(axes[i] for i in keep)
     unknown = [i for i, a in enumerate(axes) if a in "QI"]
     if len(unknown) == 1 and len(axes) == 3 and data.shape[unknown[0]] <= MAX_CHANNELS:
+        n = data.shape[unknown[0]]
+        warnings.warn(
+            f"{path}: no axis metadata; reading its {n} planes as channels (if they are a "
+            f"z-stack or time series, say so with --axes / axes=, e.g. ZYX)",
+            AxesGuessWarning,
+            stacklevel=3,
+        )
         axes = axes.replace(axes[unknown[0]], "C")
     if "Y" not in axes or "X" not in axes:
         raise InputError(path, f"cannot find Y and X axes (axes {axes}, shape {data.shape})")
@@ -81,6 +93,42 @@ def _guess_yxc(data: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+def _given_axes(axes: str | None, data: np.ndarray, path: Path) -> str | None:
+    """Validate user-given ``axes`` against the stored array (``None`` passes through)."""
+    if axes is None:
+        return None
+    axes = axes.upper()
+    if len(set(axes)) != len(axes) or any(a not in AXES_CODES for a in axes):
+        raise InputError(
+            path, f"invalid axes {axes!r}: use each of the letters {AXES_CODES} at most once"
+        )
+    if len(axes) != data.ndim:
+        raise InputError(
+            path, f"axes {axes!r} do not fit the stored array of shape {data.shape} "
+            f"({data.ndim} dimensions)"
+        )
+    return axes
+
+
+def _check_size(shape: Sequence[int], dtype: np.dtype, path: Path) -> None:
+    """Refuse, before reading, an image larger than :func:`max_image_bytes` (a corrupt or
+    hostile header can declare 100000 x 100000 pixels)."""
+    n = float(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    limit = max_image_bytes()
+    if n > limit:
+        raise InputError(
+            path,
+            f"image of shape {tuple(shape)} {np.dtype(dtype)} needs {n / 2**30:.1f} GiB, above "
+            f"the {limit / 2**30:g} GiB limit for an image read whole "
+            f"(set CELLPLUG_MAX_IMAGE_GIB to raise it)",
+        )
+
+
+def max_image_bytes() -> int:
+    """Largest image read whole: ``$CELLPLUG_MAX_IMAGE_GIB`` GiB (default 4)."""
+    return int(float(os.environ.get("CELLPLUG_MAX_IMAGE_GIB", "4")) * 2**30)
+
+
 def _check_empty(data: np.ndarray, path: Path) -> None:
     if data.size == 0:
         raise InputError(path, f"image is empty (shape {data.shape})")
@@ -97,16 +145,29 @@ def _check_values(data: np.ndarray, path: Path) -> np.ndarray:
             raise InputError(path, "image contains NaN values")
         if np.isinf(data).any():
             raise InputError(path, "image contains infinite values")
+        # finite values can still overflow float32, in which normalisation works
+        lo, hi = float(data.min()), float(data.max())
+        if not hi - lo <= FLOAT32_MAX:
+            raise InputError(
+                path,
+                f"pixel values from {lo:.3g} to {hi:.3g} exceed what float32 can represent "
+                f"(range up to {FLOAT32_MAX:.3g}); rescale the image first",
+            )
     return data
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], axes: str | None = None) -> np.ndarray:
     """Read a microscopy image.
 
     Parameters
     ----------
     path
         A TIFF / OME-TIFF (via tifffile) or a PNG, JPEG or BMP file (via imageio).
+    axes
+        The meaning of the stored array's dimensions, in tifffile's letters (``"YX"``,
+        ``"CYX"``, ``"YXC"``, ``"ZYX"``...), overriding the file's metadata and the guess
+        made without it. ``None``: the file's axes (TIFF), or (Y, X[, C]) with the channel
+        axis found by size (other formats).
 
     Returns
     -------
@@ -132,13 +193,16 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
+                _check_size(series.shape, series.dtype, path)
                 data = series.asarray()
-                axes = series.axes
+                file_axes = series.axes
+        except MemoryError:
+            raise InputError(path, "image too large to load into memory") from None
         except Exception as exc:  # tifffile raises several types for broken files
             raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
         data = np.asarray(data)
         _check_empty(data, path)
-        data = _axes_to_yxc(data, axes, path)
+        data = _axes_to_yxc(data, _given_axes(axes, data, path) or file_axes, path)
     elif suffix in OTHER_SUFFIXES:
         import imageio.v3 as iio
 
@@ -147,9 +211,13 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         except Exception as exc:
             raise InputError(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
         _check_empty(data, path)
-        if data.ndim == 3 and suffix == ".png" and data.shape[2] in (2, 4):
-            data = data[..., : data.shape[2] - 1]  # grey + alpha or RGBA: drop alpha
-        data = _guess_yxc(data, path)
+        given = _given_axes(axes, data, path)
+        if given is not None:
+            data = _axes_to_yxc(data, given, path)
+        else:
+            if data.ndim == 3 and suffix == ".png" and data.shape[2] in (2, 4):
+                data = data[..., : data.shape[2] - 1]  # grey + alpha or RGBA: drop alpha
+            data = _guess_yxc(data, path)
     else:
         raise InputError(
             path, f"unsupported file type {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)}"
@@ -196,6 +264,53 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
+    """Like :func:`atomic_path` for several files that belong together: all or none.
+
+    Yields one temporary path per target. When the block succeeds, every target is
+    replaced; if a replacement fails midway, the targets already replaced get their previous
+    contents back (or are removed if they did not exist). When the block fails, nothing is
+    touched. Either way no temporary file is left behind.
+    """
+    targets = [Path(p) for p in paths]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"the same target twice in {targets}")
+    temps: list[Path] = []
+    backups: dict[Path, Path | None] = {}  # target -> its previous contents (None: new)
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent
+            )
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield list(temps)
+        mode = 0o666 & ~_umask()  # mkstemp makes 0600; results are shared files
+        for target, tmp in zip(targets, temps, strict=True):
+            os.chmod(tmp, mode)
+            backup = None
+            if target.is_file() or target.is_symlink():
+                backup = target.with_name(f".{target.name}.{os.getpid()}.old")
+                os.replace(target, backup)
+            backups[target] = backup
+            os.replace(tmp, target)
+    except BaseException:
+        for target, backup in backups.items():  # undo the replacements made so far
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, target)
+                elif target.is_file():
+                    target.unlink()
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for backup in backups.values():
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -245,21 +360,27 @@ def _write_tiff(path: Path, data: np.ndarray, axes: str | None = None) -> None:
     tifffile.imwrite(path, data, compression="zlib", **kwargs)
 
 
-def write_labels(path: str | os.PathLike[str], labels: np.ndarray) -> Path:
+def _maybe_atomic(path: str | os.PathLike[str], atomic: bool) -> contextlib.AbstractContextManager:
+    return atomic_path(path) if atomic else contextlib.nullcontext(Path(path))
+
+
+def write_labels(path: str | os.PathLike[str], labels: np.ndarray, atomic: bool = True) -> Path:
     """Write a label image (Y, X) as a zlib-compressed TIFF, atomically.
 
-    Stored as uint16 when the largest label fits, else uint32.
+    Stored as uint16 when the largest label fits, else uint32. ``atomic=False`` writes to
+    ``path`` directly (for a temporary path of :func:`atomic_paths`).
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
-    with atomic_path(path) as tmp:
+    with _maybe_atomic(path, atomic) as tmp:
         _write_tiff(tmp, labels.astype(labels_dtype(labels), copy=False), "YX")
     return Path(path)
 
 
 def write_tiff(
-    path: str | os.PathLike[str], data: np.ndarray, axes: str | None = None
+    path: str | os.PathLike[str], data: np.ndarray, axes: str | None = None,
+    atomic: bool = True,
 ) -> Path:
     """Write an array as a zlib-compressed TIFF, atomically (dtype kept).
 
@@ -267,19 +388,19 @@ def write_tiff(
     by default (Y, X), (Y, X, C) or (C, Y, X) is inferred with C <= :data:`MAX_CHANNELS`.
     """
     data = np.asarray(data)
-    with atomic_path(path) as tmp:
+    with _maybe_atomic(path, atomic) as tmp:
         _write_tiff(tmp, data, axes)
     return Path(path)
 
 
-def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
+def write_png(path: str | os.PathLike[str], rgb: np.ndarray, atomic: bool = True) -> Path:
     """Write a uint8 (Y, X) or (Y, X, 3) array as PNG, atomically."""
     import imageio.v3 as iio
 
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8:
         raise ValueError(f"PNG data must be uint8, got {rgb.dtype}")
-    with atomic_path(path) as tmp:
+    with _maybe_atomic(path, atomic) as tmp:
         iio.imwrite(tmp, rgb, extension=".png")
     return Path(path)
 
@@ -302,14 +423,27 @@ def _json_default(obj: Any) -> Any:
 
 
 def list_images(
-    inputs: list[str | os.PathLike[str]], exclude_suffixes: tuple[str, ...] = ("_masks",)
+    inputs: Sequence[str | os.PathLike[str]], exclude_suffixes: tuple[str, ...] = ("_masks",)
 ) -> list[Path]:
     """Expand files and directories into a sorted list of image files.
 
     Directories contribute their image files (not recursively), skipping files whose
     stem ends with one of ``exclude_suffixes`` (our own outputs, ground-truth masks).
+    Raises the first :class:`InputError` (a missing file, a folder without images); see
+    :func:`collect_images` to go on past them.
     """
+    files, problems = collect_images(inputs, exclude_suffixes)
+    if problems:
+        raise problems[0]
+    return files
+
+
+def collect_images(
+    inputs: Sequence[str | os.PathLike[str]], exclude_suffixes: tuple[str, ...] = ("_masks",)
+) -> tuple[list[Path], list[InputError]]:
+    """:func:`list_images` that goes on past bad inputs: (image files, one error per bad input)."""
     out: list[Path] = []
+    problems: list[InputError] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
@@ -323,10 +457,10 @@ def list_images(
                 and not f.stem.endswith(EXTRA_OUTPUT_SUFFIXES)
             )
             if not files:
-                raise InputError(p, "directory contains no image files")
+                problems.append(InputError(p, "directory contains no image files"))
             out.extend(files)
+        elif not p.exists():
+            problems.append(InputError(p, "no such file"))
         else:
-            if not p.exists():
-                raise InputError(p, "no such file")
             out.append(p)
-    return out
+    return out, problems

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import io as _io
 import json
+import math
 import os
 import pickle
+import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,10 @@ METADATA_KEYS = (
     "channels", "n_channels", "diam_mean", "diam_labels", "size_model", "style_centroid",
     "training", "metrics", "base_model",
 )
+
+
+class ModelWarning(UserWarning):
+    """A model in the user's model directory cannot be used; it is skipped."""
 
 
 def user_model_dir() -> Path:
@@ -70,11 +77,39 @@ class SizeModel:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SizeModel:
-        return cls(
-            np.asarray(d["A"], np.float64), np.asarray(d["smean"], np.float64),
-            float(d["ymean"]), float(d["diam_mean"]),
-        )
+    def from_dict(cls, d: dict[str, Any], source: object = "size model") -> SizeModel:
+        """Build from ``{"A", "smean", "ymean", "diam_mean"}``, checking every field.
+
+        Raises :class:`CellplugError` naming ``source`` and the field when a key is missing,
+        ``A`` and ``smean`` are not vectors of one length, or a number is not finite
+        (``diam_mean`` must also be positive).
+        """
+        if not isinstance(d, dict):
+            raise CellplugError(f"{source}: size model must be a mapping, got {type(d).__name__}")
+        missing = [k for k in ("A", "smean", "ymean", "diam_mean") if k not in d]
+        if missing:
+            raise CellplugError(f"{source}: size model lacks {', '.join(missing)}")
+        vectors = {}
+        for key in ("A", "smean"):
+            try:
+                v = np.asarray(d[key], np.float64)
+            except (TypeError, ValueError):
+                raise CellplugError(f"{source}: size model field {key!r} is not numeric") from None
+            v = v.reshape(-1) if v.ndim == 2 and 1 in v.shape else v  # Cellpose stores (1, S)
+            if v.ndim != 1 or v.size == 0 or not np.isfinite(v).all():
+                raise CellplugError(
+                    f"{source}: size model field {key!r} must be a finite vector, got shape "
+                    f"{v.shape}"
+                )
+            vectors[key] = v
+        if vectors["A"].shape != vectors["smean"].shape:
+            raise CellplugError(
+                f"{source}: size model fields 'A' {vectors['A'].shape} and 'smean' "
+                f"{vectors['smean'].shape} differ in length"
+            )
+        ymean = _number(d["ymean"], f"{source}: size model field 'ymean'")
+        dm = _number(d["diam_mean"], f"{source}: size model field 'diam_mean'", positive=True)
+        return cls(vectors["A"], vectors["smean"], ymean, dm)
 
 
 @dataclass
@@ -113,7 +148,7 @@ class ModelInfo:
     @property
     def size_model(self) -> SizeModel | None:
         sm = self.metadata.get("size_model")
-        return SizeModel.from_dict(sm) if sm else None
+        return SizeModel.from_dict(sm, self.weights) if sm else None
 
     @property
     def style_centroid(self) -> np.ndarray | None:
@@ -182,7 +217,10 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 def load_cellpose_size_model(path: str | os.PathLike[str]) -> SizeModel:
     """Read a Cellpose ``*_size.npy`` (a pickled dict of arrays) without running code."""
     path = Path(path)
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CellplugError(f"{path}: cannot read size model ({exc.strerror or exc})") from None
     try:
         buf = _io.BytesIO(raw)
         version = np.lib.format.read_magic(buf)
@@ -201,12 +239,89 @@ def load_cellpose_size_model(path: str | os.PathLike[str]) -> SizeModel:
         raise CellplugError(f"{path}: not a readable Cellpose size model ({exc})") from None
     if isinstance(obj, np.ndarray):
         obj = obj.item() if obj.shape == () else obj
-    if not isinstance(obj, dict) or not {"A", "smean", "ymean", "diam_mean"} <= set(obj):
+    if not isinstance(obj, dict):
         raise CellplugError(f"{path}: size model must hold A, smean, ymean and diam_mean")
-    return SizeModel(
-        np.asarray(obj["A"], np.float64).ravel(), np.asarray(obj["smean"], np.float64).ravel(),
-        float(np.asarray(obj["ymean"])), float(np.asarray(obj["diam_mean"])),
-    )
+    return SizeModel.from_dict(obj, path)
+
+
+# -- metadata schema ----------------------------------------------------------------------
+def _number(value: Any, what: str, positive: bool = False) -> float:
+    """``value`` as a finite float (positive if asked), else a CellplugError about ``what``."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not ok and isinstance(value, np.ndarray) and value.size == 1:
+        value, ok = value.reshape(-1)[0].item(), True
+    if not ok or not math.isfinite(float(value)) or (positive and float(value) <= 0):
+        kind = "a positive number" if positive else "a finite number"
+        raise CellplugError(f"{what} must be {kind}, got {value!r}")
+    return float(value)
+
+
+def _check_text(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise CellplugError(f"{what} must be a non-empty string, got {value!r}")
+
+
+def _check_channels(value: Any, what: str) -> None:
+    if not (
+        isinstance(value, list | tuple) and len(value) == 2
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 8 for c in value)
+    ):
+        raise CellplugError(f"{what} must be two integers in 0..8, got {value!r}")
+
+
+def _check_n_channels(value: Any, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
+        raise CellplugError(f"{what} must be an integer in 1..8, got {value!r}")
+
+
+def _check_mapping(value: Any, what: str) -> None:
+    if not isinstance(value, dict):
+        raise CellplugError(f"{what} must be a JSON object, got {type(value).__name__}")
+
+
+def _check_vector(value: Any, what: str) -> None:
+    try:
+        v = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v.ndim != 1 or v.size == 0 or not np.isfinite(v).all():
+        raise CellplugError(f"{what} must be a list of finite numbers, got {str(value)[:60]}")
+
+
+# field -> check(value, what); a field absent from the file takes the documented default
+_METADATA_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "format": _check_text,
+    "name": _check_text,
+    "backbone": _check_text,
+    "decoder": _check_text,
+    "reconstructor": _check_text,
+    "backbone_options": _check_mapping,
+    "channels": _check_channels,
+    "n_channels": _check_n_channels,
+    "diam_mean": lambda v, what: _number(v, what, positive=True),
+    "diam_labels": lambda v, what: _number(v, what, positive=True),
+    "size_model": lambda v, what: SizeModel.from_dict(v, what.rsplit(" field", 1)[0]),
+    "style_centroid": _check_vector,
+    "training": _check_mapping,
+    "metrics": _check_mapping,
+}
+
+
+def validate_metadata(meta: dict[str, Any], source: object) -> dict[str, Any]:
+    """Check each known field of a model's metadata (types, ranges, size-model shapes).
+
+    ``None`` is accepted for optional fields. Unknown fields are kept (a newer version may
+    add some). Raises :class:`CellplugError` ``"<source>: field '<name>' must be ..."``.
+    Checks that need the weights (``n_channels``, style length) are in :func:`build_network`.
+    """
+    for key, check in _METADATA_CHECKS.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if key == "size_model" and not value:
+            continue
+        check(value, f"{source}: field {key!r}")
+    return meta
 
 
 # -- finding models ------------------------------------------------------------------------
@@ -222,11 +337,11 @@ def read_metadata(weights: Path) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CellplugError(f"{meta_path}: unreadable model metadata ({exc})") from None
     if not isinstance(meta, dict):
         raise CellplugError(f"{meta_path}: model metadata must be a JSON object")
-    return meta
+    return validate_metadata(meta, meta_path)
 
 
 def model_from_path(path: Path, name: str | None = None, origin: str = "path") -> ModelInfo:
@@ -260,7 +375,12 @@ def available_models(registry: PluginRegistry | None = None) -> dict[str, ModelI
     udir = user_model_dir()
     if udir.is_dir():
         for f in sorted(udir.glob("*.pth")):
-            found.setdefault(f.stem, ModelInfo(f.stem, f, read_metadata(f), "user"))
+            if f.stem in found:
+                continue
+            try:
+                found[f.stem] = ModelInfo(f.stem, f, read_metadata(f), "user")
+            except CellplugError as exc:  # one broken file must not hide the other models
+                warnings.warn(f"skipped user model {f.stem!r}: {exc}", ModelWarning, stacklevel=2)
     return found
 
 
@@ -274,6 +394,9 @@ def resolve_model(
         info = model_from_path(path)
     else:
         models = available_models(registry)
+        user_file = user_model_dir() / f"{ref}.pth"
+        if str(ref) not in models and os.sep not in str(ref) and user_file.is_file():
+            return model_from_path(user_file, origin="user")  # skipped as broken: say why
         if str(ref) not in models:
             looks_like_path = os.sep in str(ref) or path.suffix in (".pth", ".pt")
             if looks_like_path:
@@ -287,11 +410,21 @@ def resolve_model(
 
 
 def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> Any:
-    """Instantiate the model's backbone and load its weights (eval mode, float32)."""
+    """Instantiate the model's backbone and load its weights (eval mode, float32).
+
+    The metadata is checked against the weights: ``backbone_options`` must be options the
+    backbone accepts, ``n_channels`` must be the network's input channels, and the size model
+    and style centroid must have the length of the network's style vector (one small probe
+    pass, which also checks that the backbone keeps its contract).
+    """
     registry = registry or get_registry()
     factory = registry.get("backbone", info.backbone)
     state = load_state_dict(info.weights)
+    where = _metadata_path(info.weights) if info.metadata.get("format") != "cellpose" else (
+        info.weights
+    )
     options = dict(info.metadata.get("backbone_options", {}))
+    _check_options(factory, options, info, where)
     accepts = getattr(factory, "accepts_state_dict", None)
     if accepts is not None:
         inferred = accepts(state)
@@ -300,8 +433,20 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
                 f"{info.weights}: weights do not match backbone {info.backbone!r} "
                 f"(expected a Cellpose 2/3 CPnet state dict)"
             )
+        for key, value in options.items():
+            if key in inferred and key != "diam_mean" and inferred[key] != value:
+                raise CellplugError(
+                    f"{where}: field 'backbone_options' says {key}={value!r}, the weights "
+                    f"have {key}={inferred[key]!r}"
+                )
         options = {**inferred, **options}
-    net = factory(**options)
+    try:
+        net = factory(**options)
+    except Exception as exc:  # noqa: BLE001 - a plugin's factory may raise anything
+        raise CellplugError(
+            f"{where}: field 'backbone_options' {options} rejected by backbone "
+            f"{info.backbone!r} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -318,10 +463,79 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
     # Cellpose files carry the diameters in the state dict; metadata, when present, wins
     for key in ("diam_mean", "diam_labels"):
         if key not in info.metadata and key in state:
-            info.metadata[key] = float(state[key].reshape(-1)[0])
-    info.metadata.setdefault("n_channels", int(options.get("n_channels", 2)))
+            value = float(state[key].reshape(-1)[0])
+            _number(value, f"{info.weights}: {key} in the weights", positive=True)
+            info.metadata[key] = value
+    net_channels = int(options.get("n_channels", getattr(net, "n_channels", 2)))
+    n_channels = info.metadata.setdefault("n_channels", net_channels)
+    if n_channels != net_channels:
+        raise CellplugError(
+            f"{where}: field 'n_channels' is {n_channels}, the weights take {net_channels} "
+            f"input channels"
+        )
     net.float().eval()
+    _probe(net, net_channels, info, where, registry)
     return net
+
+
+def _check_options(factory: Any, options: dict[str, Any], info: ModelInfo, where: Path) -> None:
+    """Unknown ``backbone_options`` keys are an error; a factory taking ``**kwargs`` checks
+    them itself (its TypeError is reported by :func:`build_network`)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = {p.name for p in params}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CellplugError(
+            f"{where}: field 'backbone_options' has unknown option(s) {', '.join(unknown)} for "
+            f"backbone {info.backbone!r} (known: {', '.join(sorted(known))})"
+        )
+
+
+def _probe(net: Any, n_channels: int, info: ModelInfo, where: Path, registry: Any) -> None:
+    """One 32 x 32 pass: the backbone's contract, and the style length the metadata assumes."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            out = net(torch.zeros(1, n_channels, 32, 32))
+        raw, style = out
+        ok = raw.shape[:1] == (1,) and raw.shape[2:] == (32, 32) and style.ndim == 2
+    except Exception as exc:  # noqa: BLE001 - a plugin's network may raise anything
+        raise CellplugError(
+            f"{info.weights}: backbone {info.backbone!r} failed on a probe input "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
+    if not ok:
+        raise CellplugError(
+            f"{info.weights}: backbone {info.backbone!r} broke its contract: forward() must "
+            f"return (raw (B, K, H, W), style (B, S))"
+        )
+    n_style = int(style.shape[1])
+    decoder = registry.get("decoder", info.decoder)
+    if int(raw.shape[1]) != int(decoder.n_outputs):
+        raise CellplugError(
+            f"{where}: the network has {int(raw.shape[1])} outputs, decoder {info.decoder!r} "
+            f"needs {decoder.n_outputs}"
+        )
+    size_model = info.size_model
+    if size_model is not None and size_model.A.size != n_style:
+        raise CellplugError(
+            f"{where}: field 'size_model' has vectors of length {size_model.A.size}, the "
+            f"network's style vector has {n_style}"
+        )
+    centroid = info.style_centroid
+    if centroid is not None and centroid.size != n_style:
+        raise CellplugError(
+            f"{where}: field 'style_centroid' has length {centroid.size}, the network's style "
+            f"vector has {n_style}"
+        )
 
 
 def save_model(

@@ -154,10 +154,29 @@ class Segmenter:
 
     # -- steps ---------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, opts: SegmentOptions) -> np.ndarray:
-        """(Y, X[, C]) any real dtype -> float32 (C, Y, X) normalised input at the original size."""
-        return transforms.prepare_image(
-            image, opts.channels, self.model.n_channels, opts.percentiles, opts.invert
-        )
+        """(Y, X[, C]) any real dtype -> float32 (C, Y, X) normalised input at the original size.
+
+        Raises :class:`CellplugError` for an empty image, and for values that are not finite
+        or cannot be normalised in float32 (e.g. float64 values near 1e300).
+        """
+        image = np.asarray(image)
+        if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+            raise CellplugError(f"expected a non-empty image (Y, X) or (Y, X, C), got shape "
+                                f"{image.shape}")
+        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool) or np.issubdtype(
+            image.dtype, np.complexfloating
+        ):
+            raise CellplugError(f"unsupported pixel type {image.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            prepared = transforms.prepare_image(
+                image, opts.channels, self.model.n_channels, opts.percentiles, opts.invert
+            )
+        if not np.isfinite(prepared).all():
+            raise CellplugError(
+                "image values are not finite or exceed what float32 can represent; rescale "
+                "the image first"
+            )
+        return prepared
 
     def network(
         self, prepared: np.ndarray, rescale: float, opts: SegmentOptions, resample: bool = True
@@ -188,6 +207,21 @@ class Segmenter:
             raw = transforms.resize(raw, shape)
         return raw, out.style, out.n_tiles
 
+    def decode(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw float32 (K, Y, X) -> flows float32 (2, Y, X), cellprob float32 (Y, X)."""
+        try:
+            flows, cellprob = self.decoder.decode(raw)
+            flows, cellprob = np.asarray(flows, np.float32), np.asarray(cellprob, np.float32)
+            ok = flows.shape == (2, *raw.shape[1:]) and cellprob.shape == raw.shape[1:]
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CellplugError(
+                f"flow decoder {self.model.decoder!r} broke its contract: decode() must return "
+                f"flows (2, Y, X) and cellprob (Y, X) for raw output {raw.shape}"
+            )
+        return flows, cellprob
+
     def reconstruct(
         self,
         flows: np.ndarray,
@@ -213,7 +247,16 @@ class Segmenter:
             max_size_fraction=opts.max_size_fraction,
             **extra,
         )
-        labels = np.asarray(labels, dtype=np.uint32)
+        labels = np.asarray(labels)
+        if labels.shape != cellprob.shape or not (
+            np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool
+        ):
+            raise CellplugError(
+                f"reconstructor {getattr(self.reconstructor, '__name__', self.reconstructor)!r} "
+                f"broke its contract: returned {labels.dtype} {labels.shape}, expected integer "
+                f"labels of shape {cellprob.shape}"
+            )
+        labels = labels.astype(np.uint32, copy=False)
         if resize:
             labels = remove_small_objects(
                 transforms.resize(labels, shape, nearest=True), opts.min_size
@@ -244,7 +287,7 @@ class Segmenter:
         guess = size_model.predict(style)
         rescale = dm / guess
         raw, _, _ = self.network(prepared, rescale, opts, resample=False)
-        flows, cellprob = self.decoder.decode(raw)
+        flows, cellprob = self.decode(raw)
         # Cellpose runs these dynamics without interpolation; reconstructors may ignore it
         labels = self.reconstruct(
             flows, cellprob, 200, opts, shape=prepared.shape[1:], interp=False
@@ -279,12 +322,10 @@ class Segmenter:
             else:
                 diameter = self.model.diam_labels
             timings["size"] = time.perf_counter() - ts
-        rescale = self.model.diam_mean / float(diameter)
-        if not np.isfinite(rescale) or rescale <= 0:
-            raise CellplugError(f"invalid diameter {diameter!r}")
+        rescale = check_rescale(prepared.shape[1:], self.model.diam_mean, float(diameter))
         t1 = time.perf_counter()
         raw, style, n_tiles = self.network(prepared, rescale, opts, resample=opts.resample)
-        flows, cellprob = self.decoder.decode(raw)
+        flows, cellprob = self.decode(raw)
         timings["network"] = time.perf_counter() - t1
         niter = opts.niter or default_niter(rescale, opts.resample)
         t2 = time.perf_counter()
@@ -292,6 +333,43 @@ class Segmenter:
         timings["masks"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Segmentation(labels, flows, cellprob, style, float(diameter), timings, n_tiles)
+
+
+MAX_UPSCALE = 10.0
+"""Largest factor an image is enlarged by to bring its objects to the model's diameter.
+
+Objects smaller than a tenth of ``diam_mean`` (1.7 px for the bundled model) cannot be
+segmented anyway, and the enlarged image grows with the square of the factor."""
+BYTES_PER_RESCALED_PIXEL = 40  # input, raw outputs, tile weights and blend buffers, float32
+
+
+def check_rescale(shape: Sequence[int], diam_mean: float, diameter: float) -> float:
+    """The factor ``diam_mean / diameter`` for an image of ``shape`` (Y, X), if usable.
+
+    Raises :class:`CellplugError` when the diameter is not a positive finite number, when the
+    factor exceeds :data:`MAX_UPSCALE`, or when the rescaled image would need more memory
+    than :func:`cellplug.io.max_image_bytes` allows, saying which.
+    """
+    from .io import max_image_bytes
+
+    if not (np.isfinite(diameter) and diameter > 0):
+        raise CellplugError(f"invalid diameter {diameter!r}: must be a positive number of pixels")
+    rescale = diam_mean / diameter
+    if rescale > MAX_UPSCALE:
+        raise CellplugError(
+            f"diameter {diameter:g} px is too small for this model (diam_mean {diam_mean:g}): "
+            f"the image would be enlarged {rescale:.3g}x, at most {MAX_UPSCALE:g}x is allowed; "
+            f"give a diameter of at least {diam_mean / MAX_UPSCALE:.3g} px"
+        )
+    ny, nx = transforms.rescaled_shape((int(shape[0]), int(shape[1])), rescale)
+    need = float(ny) * nx * BYTES_PER_RESCALED_PIXEL
+    if need > max_image_bytes():
+        raise CellplugError(
+            f"diameter {diameter:g} px would rescale the image to {ny} x {nx} pixels, needing "
+            f"about {need / 2**30:.1f} GiB (limit {max_image_bytes() / 2**30:g} GiB, "
+            f"CELLPLUG_MAX_IMAGE_GIB); give a larger diameter or split the image"
+        )
+    return rescale
 
 
 def default_niter(rescale: float, resample: bool = True) -> int:

@@ -177,10 +177,15 @@ def random_patch(
 
 
 def lr_schedule(epochs: int, lr: float, warmup: int, decay_fraction: float) -> np.ndarray:
-    """Per-epoch learning rate: linear warm-up from 0, constant, then 10 halvings."""
+    """Per-epoch learning rate: linear warm-up, constant, then 10 halvings.
+
+    The warm-up over ``w = min(warmup, epochs)`` epochs gives epoch ``e`` the rate
+    ``lr * (e + 1) / w``. (Cellpose's starts at 0, so its first epoch, and the only epoch of
+    a one-epoch run, trained nothing; cellplug's did too before 2026-12-01.)
+    """
     sched = np.full(epochs, lr, dtype=np.float64)
     w = min(warmup, epochs)
-    sched[:w] = np.linspace(0, lr, max(w, 1))[:w]
+    sched[:w] = lr * np.arange(1, w + 1) / max(w, 1)
     n_decay = int(round(epochs * decay_fraction))
     if n_decay >= 10:
         start = epochs - n_decay

@@ -161,7 +161,7 @@ def test_size_file_of_the_wrong_kind(tmp_path):
         load_cellpose_size_model(plain)
     partial = tmp_path / "partial_size.npy"
     np.save(partial, {"A": np.zeros(3)})
-    with pytest.raises(CellplugError, match="must hold A, smean, ymean and diam_mean"):
+    with pytest.raises(CellplugError, match="size model lacks smean, ymean, diam_mean"):
         load_cellpose_size_model(partial)
 
 

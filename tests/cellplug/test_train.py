@@ -185,5 +185,7 @@ def test_random_patch_rotates_flows_with_the_image(samples):
 
 def test_lr_schedule_warms_up_and_decays():
     s = lr_schedule(100, 0.01, 10, 0.2)
-    assert s[0] == 0 and s[9] == pytest.approx(0.01) and s[50] == pytest.approx(0.01)
+    assert s[0] == pytest.approx(0.001) and s[4] == pytest.approx(0.005)
+    assert s[9] == pytest.approx(0.01) and s[50] == pytest.approx(0.01)
+    assert lr_schedule(1, 0.01, 10, 0.2).tolist() == [pytest.approx(0.01)]  # never all zero
     assert s[-1] == pytest.approx(0.01 / 2**10) and np.all(np.diff(s[80:]) <= 0)
