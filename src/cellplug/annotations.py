@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,32 @@ def find_source(location: str | os.PathLike[str], name: str | None = None,
         if found:
             return source
     kinds = ", ".join(registry.names("source")) or "none"
-    raise CellplugError(f"{path}: no annotation source can read this (sources: {kinds})")
+    reasons = []
+    for reg_name in registry.names("source"):
+        why_not = getattr(registry.get("source", reg_name), "why_not", None)
+        try:
+            reason = why_not(path) if why_not is not None else None
+        except Exception:  # noqa: BLE001 - only an explanation; the error below stands
+            reason = None
+        if reason:
+            reasons.append(f"{reg_name}: {reason}")
+    detail = f"; {'; '.join(reasons)}" if reasons else ""
+    raise CellplugError(
+        f"{path}: no annotation source can read this (sources: {kinds}){detail}"
+    )
 
 
 def read_annotations(location: str | os.PathLike[str], source: str | None = None,
-                     registry: PluginRegistry | None = None) -> Iterator[Annotation]:
-    """Yield the annotations at ``location`` using ``source`` (auto-detected if ``None``)."""
-    yield from find_source(location, source, registry).read(Path(location))
+                     registry: PluginRegistry | None = None,
+                     on_error: Callable[[CellplugError], None] | None = None,
+                     ) -> Iterator[Annotation]:
+    """Yield the annotations at ``location`` using ``source`` (auto-detected if ``None``).
+
+    With ``on_error``, a source that supports it (``read(location, on_error=...)``) passes
+    each item it cannot read to ``on_error`` and goes on; other sources raise as usual.
+    """
+    src = find_source(location, source, registry)
+    if on_error is not None and "on_error" in inspect.signature(src.read).parameters:
+        yield from src.read(Path(location), on_error=on_error)
+    else:
+        yield from src.read(Path(location))

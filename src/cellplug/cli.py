@@ -41,6 +41,16 @@ def _report(line: str, err: bool = True) -> None:
         click.echo(line, err=err)
 
 
+def _report_error(exc: BaseException, line: str) -> None:
+    """An error that does not stop the run: one line, plus its traceback with --debug."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        import traceback
+
+        traceback.print_exception(exc)  # to stderr
+    _report(line)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, kill, batch schedulers), unwound exactly like Ctrl-C."""
 
@@ -265,7 +275,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             msg = _one_line(exc)
             if str(path) not in msg:  # e.g. a bad --channels for this image: say which one
                 msg = f"{path}: {msg}"
-            _report(f"error: {msg}")
+            _report_error(exc, f"error: {msg}")
             summary.append({"image": str(path), "error": msg})
             failed += 1
             if on_error == "stop":
@@ -379,29 +389,34 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
               help="Annotation source (default: auto-detect).")
 @click.option("--val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File listing validation stems (one per line), kept out of training.")
-@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True,
               help="Hold out this fraction (by stem hash) when no --val-list is given.")
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--patch", type=int, default=224, show_default=True,
-              help="Square patch size (pixels).")
-@click.option("--learning-rate", type=float, default=0.005, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
-@click.option("--warmup-epochs", type=int, default=10, show_default=True)
-@click.option("--diam-mean", type=float, default=30.0, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Training epochs; 0 (with --base only) keeps the base's weights and refits "
+                   "its size model.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--patch", type=click.IntRange(min=32), default=224, show_default=True,
+              help="Square patch size (pixels, a multiple of 16).")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=0.005,
+              show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--diam-mean", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True,
               help="Object diameter patches are rescaled to (new models only).")
-@click.option("--images-per-epoch", type=int, default=None)
+@click.option("--images-per-epoch", type=click.IntRange(min=1), default=None)
 @click.option("--sampling", type=click.Choice(["uniform", "sqrt"]), default="uniform",
               show_default=True,
               help="sqrt: each group drawn in proportion to the square root of its size.")
 @click.option("--group-by", "group_column", default=None, metavar="COLUMN",
               help="Sampling groups from COLUMN of each source's metadata.csv (default: one "
                    "group per source).")
-@click.option("--eval-every", type=int, default=10, show_default=True)
-@click.option("--eval-images", type=int, default=None,
+@click.option("--eval-every", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--eval-images", type=click.IntRange(min=1), default=None,
               help="Validation images scored per evaluation.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--checkpoint-every", type=int, default=5, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="fp32",
               show_default=True,
@@ -409,11 +424,15 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
                    "(AVX512-BF16, AMX) and many times slower where it does not; auto: bf16 "
                    "only where it is native.")
 @click.option("--bf16", is_flag=True, help="Same as --precision bf16.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True)
-@click.option("--size-epochs", type=int, default=4, show_default=True,
+@click.option("--size-epochs", type=click.IntRange(min=1), default=4, show_default=True,
               help="Passes over the training images to fit the size model.")
+@click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop",
+              show_default=True,
+              help="stop: a bad image/label pair stops the run before training; skip: report "
+                   "it, leave it out, and train on the rest.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, source_name: str | None,
           val_list: Path | None, val_fraction: float, epochs: int, batch_size: int, patch: int,
@@ -422,17 +441,22 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
           eval_every: int, eval_images: int | None,
           checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, precision: str,
           bf16: bool, threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
-          quiet: bool) -> None:
+          on_error: str, quiet: bool) -> None:
     """Train (or fine-tune with --base) a model on annotated images."""
     from .annotations import read_annotations
     from .inference import resolve_precision
-    from .models import resolve_model
+    from .models import build_network, resolve_model
     from .plugins import get_registry
     from .train import TrainConfig, prepare_samples
     from .train import train as run_training
 
     if bf16:
         precision = "bf16"
+    if patch % 16:
+        raise click.BadParameter(f"{patch} is not a multiple of 16", param_hint="--patch")
+    if epochs == 0 and base_ref is None:
+        raise click.BadParameter("0 trains nothing; without --base that would save an untrained "
+                                 "network", param_hint="--epochs")
     registry = get_registry()
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, patch=patch, learning_rate=learning_rate,
@@ -443,11 +467,20 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
         channels=_channels(channels), size_epochs=size_epochs,
     )
     base = resolve_model(base_ref, registry) if base_ref else None
+    if base is not None:  # a bad base model fails now, not after the data is prepared
+        build_network(base, registry)
     decoder = registry.get("decoder", base.decoder if base else config.decoder)
     val_stems = set(val_list.read_text().split()) if val_list else None
     train_s, val_s, described = [], [], []
+    skipped: list[str] = []
+
+    def skip(exc: CellplugError) -> None:
+        _report_error(exc, f"error: {_one_line(exc)} (skipped)")
+        skipped.append(_one_line(exc))
+
     for src in sources:
-        anns = list(read_annotations(src, source_name, registry))
+        anns = list(read_annotations(src, source_name, registry,
+                                     on_error=skip if on_error == "skip" else None))
         if val_stems is not None:
             is_val = [a.stem in val_stems for a in anns]
         else:
@@ -467,10 +500,15 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
         train_s, val_s, out_path, config, base_model=base, registry=registry,
         checkpoint_dir=checkpoint_dir, resume=resume, progress=not quiet,
         data_description={"sources": described, "val_list": val_list.name if val_list else None,
-                          "groups": sorted({t.group for t in train_s})},
+                          "groups": sorted({t.group for t in train_s}), "skipped": skipped},
         log_fn=lambda m: click.echo(m, err=True),
     )
-    click.echo(f"saved {result.model_path}")
+    if epochs == 0:
+        click.echo(f"saved {result.model_path} (not trained: --epochs 0 kept the weights of "
+                   f"{base_ref} and refitted its size model)")
+    else:
+        click.echo(f"saved {result.model_path} (trained {epochs} epochs"
+                   f"{f'; {len(skipped)} bad pair(s) skipped' if skipped else ''})")
 
 
 # -- eval --------------------------------------------------------------------------------
@@ -537,12 +575,14 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report: .csv (per image + summary rows) or .json.")
 @click.option("--threads", type=int, default=None)
+@click.option("--axes", default=None, metavar="AXES",
+              help="Dimension order of the stored images, as for segment.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diameter: float,
              true_diameter: bool, channels: tuple[int, int], precision: str,
              stems_file: Path | None,
              group_by: str | None, mask_suffix: str, out_path: Path | None, threads: int | None,
-             quiet: bool) -> None:
+             axes: str | None, quiet: bool) -> None:
     """Score predictions (or segment images, then score) against ground-truth masks.
 
     Reports AP at IoU 0.50...0.95 (TP / (TP + FP + FN)), precision, recall and F1 at 0.5, per
@@ -577,8 +617,9 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
     for stem, path, is_pred in tqdm(items, desc="evaluating", unit="image", disable=quiet):
         truth = _find_truth(gt_dir, stem, mask_suffix)
         if truth is None:
-            click.echo(f"error: {path}: no ground truth {stem}{mask_suffix}.* in {gt_dir}",
-                       err=True)
+            msg = f"{path}: no ground truth {stem}{mask_suffix}.* in {gt_dir}"
+            _report(f"error: {msg}")
+            report.fail(stem, msg)
             failed += 1
             continue
         try:
@@ -587,7 +628,7 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
                 pred = io.read_labels(path)
             else:
                 assert segmenter is not None
-                image = io.read_image(path)
+                image = io.read_image(path, axes=axes)
                 if true_diameter:
                     d = median_diameter(gt)
                     if not d > 0:
@@ -600,7 +641,11 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
                     f"{path}: shape {pred.shape} differs from ground truth {gt.shape}"
                 )
         except CellplugError as exc:
-            click.echo(f"error: {_one_line(exc)}", err=True)
+            msg = _one_line(exc)
+            if str(path) not in msg and str(truth) not in msg:
+                msg = f"{path}: {msg}"
+            _report_error(exc, f"error: {msg}")
+            report.fail(stem, msg)
             failed += 1
             continue
         report.add(stem, gt, pred, groups.get(stem, ""))
@@ -616,10 +661,13 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
                    f"{m['0.90']:>8.3f} {v['precision@0.50']:>6.3f} {v['recall@0.50']:>6.3f} "
                    f"{v['f1@0.50']:>6.3f}")
     if out_path is not None:
-        if out_path.suffix.lower() == ".csv":
-            report.write_csv(out_path)
-        else:
-            io.write_json(out_path, doc)
+        try:
+            if out_path.suffix.lower() == ".csv":
+                report.write_csv(out_path)
+            else:
+                io.write_json(out_path, doc)
+        except OSError as exc:
+            raise CellplugError(f"cannot write {out_path} ({exc.strerror or exc})") from None
         click.echo(f"report: {out_path}", err=True)
     if failed:
         raise SystemExit(1)

@@ -24,6 +24,7 @@ class EvalReport:
 
     thresholds: tuple[float, ...]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)  # images that could not be scored
     _counts: dict[str, MatchCounts] = field(default_factory=dict, repr=False)
 
     def add(
@@ -52,6 +53,10 @@ class EvalReport:
             if key:
                 self._counts[key] = mc if key not in self._counts else self._counts[key] + mc
         return row
+
+    def fail(self, stem: str, error: str) -> None:
+        """Record an image that could not be scored (listed in the report, not in the scores)."""
+        self.failures.append({"image": stem, "error": error})
 
     def summary(self, group: str | None = None) -> dict[str, Any]:
         rows = [r for r in self.rows if group is None or r["group"] == group]
@@ -84,13 +89,17 @@ class EvalReport:
             "overall": self.summary() if self.rows else {},
             "groups": {g: self.summary(g) for g in self.groups},
             "images": self.rows,
+            "failed": self.failures,
         }
 
     def write_csv(self, path: str | os.PathLike[str]) -> Path:
-        """Per-image rows, then one row per group and one ``overall`` row (mean per-image)."""
+        """Per-image rows, then one row per group and one ``overall`` row (mean per-image),
+        then one row per image that failed, with its ``error``."""
         from .io import atomic_path
 
-        fields = list(self.rows[0]) if self.rows else ["image"]
+        fields = (list(self.rows[0]) if self.rows else ["image"]) + (
+            ["error"] if self.failures else []
+        )
         extra_rows = []
         for g in [*self.groups, None]:
             rows = [r for r in self.rows if g is None or r["group"] == g]
@@ -104,7 +113,7 @@ class EvalReport:
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
-            w.writerows(self.rows + extra_rows)
+            w.writerows(self.rows + extra_rows + self.failures)
         return Path(path)
 
 

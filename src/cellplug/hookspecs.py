@@ -119,7 +119,12 @@ def register_annotation_sources(register: Register) -> None:
     - ``read(location) -> Iterator[Annotation]``: yields
       :class:`cellplug.annotations.Annotation` items, each an image (Y, X) or (Y, X, C)
       in its own dtype and a label image (Y, X) integer with 0 = background, plus the
-      stem they came from.
+      stem they came from. A bad item raises :class:`cellplug.errors.CellplugError` naming
+      its file;
+    - optionally ``read(location, on_error=None)``: when ``on_error`` is given, call it with
+      that error for each bad item and go on with the next (``train --on-error skip``);
+    - optionally ``why_not(location) -> str | None``: when ``detect`` is False, a short reason
+      (e.g. the label files that are missing), added to the "no source can read this" error.
     """
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -20,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AxesGuessWarning, InputError
+from .errors import AxesGuessWarning, CellplugError, InputError
+from .transforms import check_pixel_values
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 OTHER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + OTHER_SUFFIXES
 EXTRA_OUTPUT_SUFFIXES = ("_flows", "_overlay", "_cellprob")  # what `segment --save` adds
 MAX_CHANNELS = 8  # more than this along a channel-like axis is treated as a stack, not colour
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 AXES_CODES = "YXCSZTQ"  # --axes letters: tifffile's codes (S = colour samples, Q = unknown)
 
 
@@ -93,6 +94,18 @@ def _guess_yxc(data: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs what it repairs in a damaged file; the caller reports what matters."""
+    logger = logging.getLogger("tifffile")
+    old = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = old
+
+
 def _given_axes(axes: str | None, data: np.ndarray, path: Path) -> str | None:
     """Validate user-given ``axes`` against the stored array (``None`` passes through)."""
     if axes is None:
@@ -138,21 +151,10 @@ def _check_values(data: np.ndarray, path: Path) -> np.ndarray:
     _check_empty(data, path)
     if data.dtype == bool:
         data = data.astype(np.uint8)
-    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
-        raise InputError(path, f"unsupported pixel type {data.dtype}")
-    if np.issubdtype(data.dtype, np.floating):
-        if np.isnan(data).any():
-            raise InputError(path, "image contains NaN values")
-        if np.isinf(data).any():
-            raise InputError(path, "image contains infinite values")
-        # finite values can still overflow float32, in which normalisation works
-        lo, hi = float(data.min()), float(data.max())
-        if not hi - lo <= FLOAT32_MAX:
-            raise InputError(
-                path,
-                f"pixel values from {lo:.3g} to {hi:.3g} exceed what float32 can represent "
-                f"(range up to {FLOAT32_MAX:.3g}); rescale the image first",
-            )
+    try:
+        check_pixel_values(data)
+    except CellplugError as exc:
+        raise InputError(path, str(exc)) from None
     return data
 
 
@@ -186,16 +188,20 @@ def read_image(path: str | os.PathLike[str], axes: str | None = None) -> np.ndar
         raise InputError(path, "no such file")
     if path.is_dir():
         raise InputError(path, "is a directory, expected an image file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 _check_size(series.shape, series.dtype, path)
                 data = series.asarray()
                 file_axes = series.axes
+        except InputError:
+            raise
         except MemoryError:
             raise InputError(path, "image too large to load into memory") from None
         except Exception as exc:  # tifffile raises several types for broken files

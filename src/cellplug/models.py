@@ -176,7 +176,10 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # torch's message is a page long; the line naming the refused global is what matters
+        first = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else "")
+        first = first[:160]
         raise CellplugError(
             f"{path}: refused to load: the file contains pickled objects other than tensors "
             f"(only plain state dicts are accepted) [{first}]"
@@ -300,7 +303,7 @@ _METADATA_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "n_channels": _check_n_channels,
     "diam_mean": lambda v, what: _number(v, what, positive=True),
     "diam_labels": lambda v, what: _number(v, what, positive=True),
-    "size_model": lambda v, what: SizeModel.from_dict(v, what.rsplit(" field", 1)[0]),
+    "size_model": lambda v, what: SizeModel.from_dict(v, what),
     "style_centroid": _check_vector,
     "training": _check_mapping,
     "metrics": _check_mapping,
@@ -370,8 +373,12 @@ def available_models(registry: PluginRegistry | None = None) -> dict[str, ModelI
     registry = registry or get_registry()
     found: dict[str, ModelInfo] = {}
     for name, reg in registry.registrations("model").items():
-        weights = Path(reg.obj)
-        found[name] = ModelInfo(name, weights, read_metadata(weights), f"plugin:{reg.plugin}")
+        try:  # a plugin's mistake (not a path, broken JSON) hides only its own model
+            weights = Path(reg.obj)
+            found[name] = ModelInfo(name, weights, read_metadata(weights), f"plugin:{reg.plugin}")
+        except (TypeError, CellplugError) as exc:
+            warnings.warn(f"skipped model {name!r} of plugin {reg.plugin!r}: {exc}", ModelWarning,
+                          stacklevel=2)
     udir = user_model_dir()
     if udir.is_dir():
         for f in sorted(udir.glob("*.pth")):
@@ -423,7 +430,8 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
     where = _metadata_path(info.weights) if info.metadata.get("format") != "cellpose" else (
         info.weights
     )
-    options = dict(info.metadata.get("backbone_options", {}))
+    given = dict(info.metadata.get("backbone_options", {}))
+    options = dict(given)
     _check_options(factory, options, info, where)
     accepts = getattr(factory, "accepts_state_dict", None)
     if accepts is not None:
@@ -444,7 +452,7 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
         net = factory(**options)
     except Exception as exc:  # noqa: BLE001 - a plugin's factory may raise anything
         raise CellplugError(
-            f"{where}: field 'backbone_options' {options} rejected by backbone "
+            f"{where}: field 'backbone_options' {given} rejected by backbone "
             f"{info.backbone!r} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         ) from None
     try:

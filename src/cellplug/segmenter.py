@@ -156,27 +156,17 @@ class Segmenter:
     def prepare(self, image: np.ndarray, opts: SegmentOptions) -> np.ndarray:
         """(Y, X[, C]) any real dtype -> float32 (C, Y, X) normalised input at the original size.
 
-        Raises :class:`CellplugError` for an empty image, and for values that are not finite
-        or cannot be normalised in float32 (e.g. float64 values near 1e300).
+        Raises :class:`CellplugError` for an empty image, and for pixel values that
+        :func:`cellplug.transforms.check_pixel_values` refuses.
         """
         image = np.asarray(image)
         if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
             raise CellplugError(f"expected a non-empty image (Y, X) or (Y, X, C), got shape "
                                 f"{image.shape}")
-        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool) or np.issubdtype(
-            image.dtype, np.complexfloating
-        ):
-            raise CellplugError(f"unsupported pixel type {image.dtype}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            prepared = transforms.prepare_image(
-                image, opts.channels, self.model.n_channels, opts.percentiles, opts.invert
-            )
-        if not np.isfinite(prepared).all():
-            raise CellplugError(
-                "image values are not finite or exceed what float32 can represent; rescale "
-                "the image first"
-            )
-        return prepared
+        transforms.check_pixel_values(image)
+        return transforms.prepare_image(
+            image, opts.channels, self.model.n_channels, opts.percentiles, opts.invert
+        )
 
     def network(
         self, prepared: np.ndarray, rescale: float, opts: SegmentOptions, resample: bool = True

@@ -15,6 +15,31 @@ import numpy as np
 from .errors import CellplugError
 
 Channels = tuple[int, int]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_pixel_values(image: np.ndarray) -> None:
+    """Raise :class:`CellplugError` unless ``image`` holds real numbers usable in float32.
+
+    Refused: pixel types other than integers, floats and bool; NaN or infinite values; and
+    finite values whose range overflows float32, where normalisation works (float64 values
+    near 1e300, float32 values of +-3e38), which would otherwise give 0 objects silently.
+    """
+    dtype = image.dtype
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+            or np.issubdtype(dtype, np.bool_)):
+        raise CellplugError(f"unsupported pixel type {dtype}")
+    if np.issubdtype(dtype, np.floating) and image.size:
+        if np.isnan(image).any():
+            raise CellplugError("image contains NaN values")
+        if np.isinf(image).any():
+            raise CellplugError("image contains infinite values")
+        lo, hi = float(image.min()), float(image.max())
+        if not hi - lo <= FLOAT32_MAX:
+            raise CellplugError(
+                f"pixel values from {lo:.3g} to {hi:.3g} exceed what float32 can represent "
+                f"(range up to {FLOAT32_MAX:.3g}); rescale the image first"
+            )
 
 
 def parse_channels(channels: Sequence[int] | None) -> Channels:
