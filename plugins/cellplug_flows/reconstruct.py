@@ -144,7 +144,7 @@ def cluster_end_points(
 
 def renumber(labels: np.ndarray) -> np.ndarray:
     """Relabel to 1..N in order of increasing old label (0 stays 0)."""
-    counts = np.bincount(labels.ravel())
+    counts = np.bincount(labels.ravel(), minlength=1)  # counts[0] exists even if empty
     present = counts > 0
     present[0] = False
     lut = np.zeros(counts.size, labels.dtype)
@@ -252,7 +252,7 @@ def _fill_holes(lab, n):
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Drop objects with fewer than ``min_size`` pixels and renumber (no-op if <= 0)."""
-    if min_size <= 0 or labels.max() == 0:
+    if min_size <= 0 or labels.size == 0 or labels.max() == 0:
         return labels
     counts = np.bincount(labels.ravel())
     small = counts < min_size

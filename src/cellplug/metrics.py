@@ -23,7 +23,7 @@ def _sequential(labels: np.ndarray) -> tuple[np.ndarray, int]:
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}")
     uniq, inv = np.unique(labels, return_inverse=True)
-    if uniq[0] != 0:
+    if uniq.size and uniq[0] != 0:  # no background: ids start at 1 (empty image: no ids)
         inv = inv + 1
     return inv.reshape(labels.shape), int(np.count_nonzero(uniq))
 
