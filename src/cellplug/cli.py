@@ -72,6 +72,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_plugin_commands()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or _plugin_commands().get(cmd_name)
+
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
         try:
@@ -95,6 +101,23 @@ class _Group(click.Group):
             _report(f"error: internal error (a bug, please report it): {type(exc).__name__}: "
                     f"{_one_line(exc)} (rerun with --debug for the traceback)")
             ctx.exit(70)
+
+
+def _plugin_commands() -> dict[str, click.Command]:
+    """Commands registered by plugins (``register_commands``), minus clashes with built-ins."""
+    from .plugins import get_registry
+
+    out = {}
+    for name, reg in get_registry().registrations("command").items():
+        if name in main.commands:
+            warnings.warn(f"plugin {reg.plugin!r}: command {name!r} is a built-in; ignored",
+                          stacklevel=2)
+        elif not isinstance(reg.obj, click.Command):
+            warnings.warn(f"plugin {reg.plugin!r}: command {name!r} is not a click command; "
+                          f"ignored", stacklevel=2)
+        else:
+            out[name] = reg.obj
+    return out
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001

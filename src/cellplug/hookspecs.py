@@ -139,6 +139,17 @@ def register_models(register: Register) -> None:
     """
 
 
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register subcommands of the ``cellplug`` command line (bridges use this).
+
+    Call ``register(name, command)`` with a :class:`click.Command` (or group); it runs as
+    ``cellplug <name> ...``. A name that is already a built-in command is refused. Commands
+    are looked up only when the command line needs them, so plugins are not imported for
+    ``cellplug segment``.
+    """
+
+
 HOOK_KINDS: dict[str, str] = {
     "backbone": "register_backbones",
     "decoder": "register_flow_decoders",
@@ -146,6 +157,7 @@ HOOK_KINDS: dict[str, str] = {
     "selector": "register_style_selectors",
     "source": "register_annotation_sources",
     "model": "register_models",
+    "command": "register_commands",
 }
 """Plugin kinds as the CLI names them, mapped to the hook that registers them."""
 

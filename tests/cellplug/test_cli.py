@@ -185,8 +185,11 @@ def test_segment_tile_and_precision_options(tmp_path, data_dir, random_model):
 def test_segment_extras_and_json(tmp_path, data_dir, random_model):
     out = tmp_path / "out"
     image = data_dir / "dsb2018_fluo.tif"
+    # the random model's cell probability is just below 0 everywhere: thresholds that let it
+    # find objects, so that the object count below is not trivially 0
     result = run("segment", image, "--model", random_model, "--out", out, "--save", "overlay",
-                 "--save", "flows", "--json", "--diameter", "17", "--threads", "1")
+                 "--save", "flows", "--json", "--diameter", "17", "--threads", "1",
+                 "--cellprob-threshold", "-1", "--flow-threshold", "0")
     assert _files(out) == ["dsb2018_fluo_flows.tif", "dsb2018_fluo_masks.tif",
                            "dsb2018_fluo_overlay.png", "summary.json"]
     doc = json.loads(result.stdout)
@@ -195,7 +198,8 @@ def test_segment_extras_and_json(tmp_path, data_dir, random_model):
     (entry,) = doc["images"]
     assert entry["image"] == str(image)
     assert entry["masks"] == str(out / "dsb2018_fluo_masks.tif")
-    assert entry["diameter"] == 17.0 and entry["objects"] >= 0
+    masks = io.read_labels(out / "dsb2018_fluo_masks.tif")
+    assert entry["diameter"] == 17.0 and entry["objects"] == len(np.unique(masks)) - 1 > 0
     assert sorted(entry["outputs"]) == [str(out / f) for f in _files(out)[:3]]
     flows = io.read_image(out / "dsb2018_fluo_flows.tif")
     assert flows.shape == (160, 160, 2) and flows.dtype == np.float32
@@ -332,3 +336,12 @@ def test_train_without_annotations_is_a_clear_error(tmp_path):
     assert line.startswith(f"error: {tmp_path}: no annotation source can read this (sources: ")
     assert "mask-folder" in line
     assert _files(tmp_path) == ["lonely.tif"]
+
+
+def test_a_plugin_adds_a_command():
+    """register_commands: the example test plugin's command runs and is listed."""
+    assert run("example-hello", "Ada").stdout == "hello Ada from cellplug-example-plugin\n"
+    assert "example-hello" in run("--help").stdout
+    rows = json.loads(run("plugins", "list", "--kind", "command", "--json").stdout)
+    assert [(r["kind"], r["name"]) for r in rows if r["kind"] == "command"] == [
+        ("command", "example-hello")]

@@ -2,7 +2,8 @@
 
 - style selector ``first-model``: picks the first candidate model for every image;
 - annotation source ``example-npz``: ``*.npz`` files holding ``image`` and ``labels`` arrays;
-- backbone ``example-tiny``: a two-layer convolutional net satisfying the backbone contract.
+- backbone ``example-tiny``: a two-layer convolutional net satisfying the backbone contract;
+- command ``example-hello``: ``cellplug example-hello NAME`` prints a greeting.
 """
 
 from __future__ import annotations
@@ -53,3 +54,16 @@ def register_annotation_sources(register):
 @hookimpl
 def register_backbones(register):
     register("example-tiny", build_tiny)
+
+
+@hookimpl
+def register_commands(register):
+    import click
+
+    @click.command()
+    @click.argument("name")
+    def hello(name):
+        """Say hello (a command added by a plugin)."""
+        click.echo(f"hello {name} from cellplug-example-plugin")
+
+    register("example-hello", hello)
