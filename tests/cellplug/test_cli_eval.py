@@ -125,7 +125,17 @@ def test_eval_segments_images_with_a_model(tmp_path, data_dir, random_model):
         ],
     )
     assert r.exit_code == 0, r.output
-    assert "overall" in r.output
+    # the printed scores are those of the model's own masks (same options) against the truth
+    from cellplug.metrics import match_counts
+    from cellplug.segmenter import Segmenter
+
+    image = tifffile.imread(data_dir / "dsb2018_fluo.tif")
+    labels = Segmenter.from_model(str(random_model)).segment(image, diameter=17.0).labels
+    truth = tifffile.imread(data_dir / "dsb2018_fluo_masks.tif").astype(np.int64)
+    mc = match_counts(truth, labels.astype(np.int64))
+    expected = [mc.ap[0], mc.ap[5], mc.ap[8], mc.precision[0], mc.recall[0], mc.f1[0]]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("overall")]
+    assert line.split()[1:] == ["1"] + [f"{v:.3f}" for v in expected]
 
 
 def test_eval_true_diameter_segments_at_the_ground_truth_diameter(
@@ -200,4 +210,6 @@ def test_eval_a_segment_output_folder(tmp_path, data_dir):
     (out / "dsb2018_fluo_overlay.png").write_bytes(b"\x89PNG not really")
     r = CliRunner().invoke(main, ["eval", str(out), "--masks", str(data_dir), "-q"])
     assert r.exit_code == 0, r.output
-    assert "overall" in r.output
+    # both images scored, perfectly (the predictions are the truth): AP, precision, recall, F1
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("overall")]
+    assert line.split()[1:] == ["2"] + ["1.000"] * 6

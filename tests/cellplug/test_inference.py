@@ -129,6 +129,46 @@ def test_augmented_inference(net, phc, tiled_and_whole):
     assert np.median(np.abs(out.raw[2] - ref)) < 0.2 * ref.std()
 
 
+class _Gradient(torch.nn.Module):
+    """An exactly mirror-equivariant stand-in for a trained network: raw = (d/dY, d/dX, value)
+    of the first input channel (central differences, zero padding), style = channel means.
+
+    Mirroring its input along Y mirrors its output and negates d/dY (along X: d/dX), which is
+    what un-mirroring augmented tiles assumes of the flow channels."""
+
+    def forward(self, x):
+        from torch.nn import functional as F
+
+        v = x[:, :1].contiguous()
+        ky = torch.tensor([[0.0, -0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.5, 0.0]])[None, None]
+        raw = torch.cat([F.conv2d(v, ky, padding=1), F.conv2d(v, ky.transpose(2, 3), padding=1),
+                         v], dim=1)
+        style = x.mean(dim=(2, 3)) + 1.0
+        return raw, style / style.norm(dim=1, keepdim=True)
+
+
+def test_augmented_inference_restores_every_channel(phc):
+    """With an equivariant network, augmented tiles put back (mirrored, flow components
+    negated) give exactly the whole-image output in all three channels, away from the tile
+    edges where a tile's zero padding stands in for its neighbours' pixels."""
+    from cellplug import tiling
+
+    net = _Gradient()
+    aug = inference.run_network(net, phc, augment=True, precision="fp32")
+    whole = inference.run_network(net, phc, tile=False, precision="fp32")
+    padded, (sy, sx) = tiling.pad_image(phc)
+    grid = tiling.tile_grid(padded.shape[1], padded.shape[2], augment=True)
+    assert grid.flipped and grid.n_tiles == 9 and aug.n_tiles == 9
+    edges_y = {y0 + d - sy.start for y0 in grid.ystarts for d in (0, grid.tile_y - 1)}
+    edges_x = {x0 + d - sx.start for x0 in grid.xstarts for d in (0, grid.tile_x - 1)}
+    rows = np.array([y for y in range(phc.shape[1]) if y not in edges_y])
+    cols = np.array([x for x in range(phc.shape[2]) if x not in edges_x])
+    assert len(rows) >= 250 and len(cols) >= 250
+    got, expected = aug.raw[:, rows][:, :, cols], whole.raw[:, rows][:, :, cols]
+    assert np.abs(expected[:2]).max() > 0.1  # the flow channels are not trivially zero
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_bad_input_shape(net):
     with pytest.raises(CellplugError, match=r"network input must be \(C, Y, X\)"):
         inference.run_network(net, np.zeros((32, 32), np.float32))

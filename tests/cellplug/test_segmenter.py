@@ -100,18 +100,22 @@ def test_rgb_image_with_channel_choices(segmenter, data_dir):
         segmenter.segment(he, channels=(4, 0))
 
 
-def test_tiled_and_whole_image_masks_agree(segmenter, data_dir):
+def test_tiled_and_whole_image_masks_agree(data_dir):
+    """A trained model (the bundled generalist) gives the same objects either way; a random
+    field would be too fragile to tell a blending bug from noise."""
     from cellplug.metrics import average_precision
 
     img = tifffile.imread(data_dir / "usiigaci_phc.tif")  # 2 x 2 tiles
-    opts = SegmentOptions(diameter=17.0, precision="fp32", flow_threshold=0.0)
-    tiled = segmenter.segment(img, opts, tile=True)
-    whole = segmenter.segment(img, opts, tile=False)
+    generalist = Segmenter.from_model("generalist")
+    opts = SegmentOptions(diameter=17.0, precision="fp32")
+    tiled = generalist.segment(img, opts, tile=True)
+    whole = generalist.segment(img, opts, tile=False)
     assert tiled.n_tiles == 4 and whole.n_tiles == 1
-    assert tiled.n_objects > 0
-    # random-field masks are fragile; most still match (trained models: see benchmarks)
-    ap = average_precision(tiled.labels, whole.labels, [0.5])[0]
-    assert ap > 0.6
+    assert tiled.n_objects >= 5
+    assert not np.array_equal(tiled.flows, whole.flows)  # two different passes...
+    ap = average_precision(tiled.labels.astype(np.int64), whole.labels.astype(np.int64),
+                           [0.5, 0.75])
+    assert ap.min() >= 0.9, ap  # ...with the same objects (measured 1.0 at both thresholds)
 
 
 def test_bad_options(segmenter, fluo):
@@ -133,7 +137,9 @@ def test_size_model_estimates_the_diameter(tmp_path, fluo):
     assert torch.get_num_threads() == before  # the thread setting is scoped
     assert "size" in result.timings
     assert np.isfinite(result.diameter) and result.diameter >= 5.0
-    assert seg.estimate_diameter(fluo) == pytest.approx(result.diameter, rel=0.3)
+    # the same computation with the same options: exactly the same diameter, and a measured
+    # one (the median mask diameter), not the size model's fallback diam_mean
+    assert seg.estimate_diameter(fluo) == result.diameter != 17.0
 
 
 def test_estimate_without_size_model_is_the_training_diameter(segmenter, fluo):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,12 @@ def test_unflipping_negates_the_mirrored_flow_components():
         assert restored[k, 2, 0, 0] == 1  # the scalar channel never changes sign
 
 
+def _cellpose_taper(k: float) -> float:
+    """Cellpose's 1-D taper at pixel k of a 224 px tile: a sigmoid of width 7.5 px centred
+    20 px inside the tile edge (the centre of the tile is at 111.5)."""
+    return 1 / (1 + math.exp((abs(k - 111.5) - (112 - 20)) / 7.5))
+
+
 def test_taper_mask():
     mask = tiling.taper_mask(224, 224)
     assert mask.shape == (224, 224)
@@ -88,6 +96,16 @@ def test_taper_mask():
     assert mask[0, 0] < 0.01 and mask[0, 112] < 0.1
     np.testing.assert_allclose(mask, mask[::-1, ::-1])
     assert tiling.taper_mask(100, 50).shape == (100, 50)
+    # the exact values: corner 1 / (1 + e^2.6)^2, edge middle ~1 / (1 + e^2.6), half weight
+    # 20 px in
+    assert mask[0, 0] == pytest.approx(1 / (1 + math.exp(2.6)) ** 2, rel=1e-9)  # 0.00478
+    assert mask[0, 112] == pytest.approx(_cellpose_taper(0) * _cellpose_taper(112), rel=1e-9)
+    assert mask[20, 112] == pytest.approx(0.5167, abs=1e-4)
+    ref = np.array([_cellpose_taper(k) for k in range(224)])
+    np.testing.assert_allclose(mask, np.outer(ref, ref), rtol=1e-9)
+    # a smaller tile is the centre of the 224 px mask
+    np.testing.assert_allclose(tiling.taper_mask(100, 50), np.outer(ref[62:162], ref[87:137]),
+                               rtol=1e-9)
 
 
 def test_matches_cellpose_make_tiles_when_installed():

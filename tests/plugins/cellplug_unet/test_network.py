@@ -31,6 +31,28 @@ def test_output_shapes_and_unit_style(small_net):
     np.testing.assert_allclose(style.norm(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
+def test_the_decoder_adds_the_projected_style(small_net):
+    """Every style convolution adds ``full(style)`` to its input before convolving, so the
+    style vector changes the output; a decoder that dropped it would not notice a new style."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        for name, block in small_net.upsample.named_modules():
+            if not hasattr(block, "full"):
+                continue
+            x = torch.rand(2, block.full.out_features, 8, 8)
+            style = F.normalize(torch.randn(2, block.full.in_features), dim=1)
+            added = F.linear(style, block.full.weight, block.full.bias)[:, :, None, None]
+            np.testing.assert_allclose(block(style, x).numpy(), block.conv(x + added).numpy(),
+                                       atol=1e-5, err_msg=name)
+        feats = small_net.downsample(torch.rand(1, 2, 32, 32))
+        style = small_net.make_style(feats[-1])
+        own = small_net.upsample(style, feats)
+        other = small_net.upsample(style.roll(1, dims=1), feats)  # same norm, other direction
+    assert (own - other).abs().max() > 0.01 * own.abs().max()
+
+
 def test_batch_items_are_independent_in_eval_mode(small_net):
     x = torch.rand(2, 2, 32, 32)
     with torch.inference_mode():

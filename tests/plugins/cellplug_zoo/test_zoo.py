@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
 from cellplug.metrics import average_precision
 from cellplug.models import available_models, load_state_dict
-from cellplug.segmenter import Segmenter
+from cellplug.segmenter import Segmenter, median_diameter
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -29,6 +30,8 @@ def test_generalist_segments_the_sample_image():
     image = tifffile.imread(EXAMPLES / "nuclei.tif")
     truth = tifffile.imread(EXAMPLES / "nuclei_masks.tif")
     result = Segmenter.from_model("generalist", threads=1).segment(image, diameter=0)
-    assert 35 < result.diameter < 65  # true median diameter: 50.8 px
-    # 0.89 measured with the bundled generalist; margin for bf16 rounding on other CPUs
-    assert average_precision(truth, result.labels.astype(np.int64), [0.5])[0] >= 0.8
+    # the size model's estimate against the true median diameter (50.8 px): measured 48.6
+    assert result.diameter == pytest.approx(median_diameter(truth), rel=0.1)
+    # 0.889 (16 of 17 matched, 1 extra) measured in float32 and bfloat16; >= 0.85 allows no
+    # further miss
+    assert average_precision(truth, result.labels.astype(np.int64), [0.5])[0] >= 0.85
