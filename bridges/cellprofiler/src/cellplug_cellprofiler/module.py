@@ -103,7 +103,7 @@ class RunCellplug(ImageSegmentation):
 
     category = "Object Processing"
     module_name = "RunCellplug"
-    variable_revision_number = 1
+    variable_revision_number = 2
     doi = {"Please cite Cellpose, whose method cellplug implements:":
            "https://doi.org/10.1038/s41592-020-01018-x"}
 
@@ -162,6 +162,12 @@ split touching cells.""",
         self.nuclei_image = ImageSubscriber(
             "Select the nuclei image",
             doc="The grayscale image of the nuclear stain, the same size as the input image.",
+        )
+        self.invert = Binary(
+            "Invert images?",
+            False,
+            doc="Invert intensities before segmenting (dark objects on a bright background), "
+                "as `cellplug segment --invert`.",
         )
         self.flow_threshold = Float(
             "Flow threshold",
@@ -225,6 +231,7 @@ setting has no effect yet (it is saved, and a note is logged when a GPU is prese
             self.diameter,
             self.supply_nuclei,
             self.nuclei_image,
+            self.invert,
             self.flow_threshold,
             self.cellprob_threshold,
             self.min_size,
@@ -242,13 +249,17 @@ setting has no effect yet (it is saved, and a note is logged when a GPU is prese
         if self.model.value == CUSTOM_MODEL:
             shown += [self.model_directory, self.model_file_name]
         shown += [self.diameter, self.flow_threshold, self.cellprob_threshold, self.min_size,
-                  self.remove_edge_masks, self.save_probabilities]
+                  self.invert, self.remove_edge_masks, self.save_probabilities]
         if self.save_probabilities.value:
             shown.append(self.probabilities_name)
         shown.append(self.use_gpu)
         return shown
 
     def upgrade_settings(self, setting_values, variable_revision_number, module_name):
+        if variable_revision_number == 1:
+            # revision 2 added "Invert images?" after the nuclei image
+            setting_values = setting_values[:8] + ["No"] + setting_values[8:]
+            variable_revision_number = 2
         return setting_values, variable_revision_number
 
     def validate_module(self, pipeline) -> None:
@@ -325,6 +336,7 @@ setting has no effect yet (it is saved, and a note is logged when a GPU is prese
         return SegmentOptions(
             diameter=float(self.diameter.value),
             channels=(1, 2) if self.supply_nuclei.value else (0, 0),
+            invert=bool(self.invert.value),
             flow_threshold=float(self.flow_threshold.value),
             cellprob_threshold=float(self.cellprob_threshold.value),
             min_size=max(0, int(self.min_size.value)),
