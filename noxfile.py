@@ -1,4 +1,4 @@
-"""Sessions: tests (default), lint, parity and bench (against Cellpose 3.1.1.2), bridges later.
+"""Sessions: tests (default), lint; against Cellpose 3.1.1.2: parity, bench, golden; bridges later.
 
 torch is always installed first and pinned (a local CPU wheel): an unpinned torch pulls
 gigabytes of CUDA wheels.
@@ -75,3 +75,10 @@ def bench(session: nox.Session) -> None:
     _reference_env(session)
     session.install("psutil")
     _run_scripts(session, "benchmarks/bench_*.py")
+
+
+@nox.session
+def golden(session: nox.Session) -> None:
+    """Regenerate tests/data/golden/ (Cellpose 3.1.1.2's outputs the default tests compare to)."""
+    _reference_env(session)
+    session.run("python", "tests/data/golden/make_golden.py")
