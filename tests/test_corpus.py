@@ -338,6 +338,41 @@ def test_python_api_arrays(name, segmenter):
     OUTCOMES[f"array {name}", "api"] = f"CellplugError: {exc.value}"
 
 
+# -- annotation cases --------------------------------------------------------------------------
+ANNOTATION_ERRORS = {
+    "seg_npy_pickle_payload": r"cells_seg.npy: not a readable Cellpose _seg.npy file \(global "
+                              r"posix.system is not allowed\)",
+    "seg_npy_3d_masks": r"cells_seg.npy: 'masks' must be a 2-D integer label image",
+    "seg_npy_shape_mismatch": r"cells_seg.npy: labels \(100, 100\) do not match image "
+                              r"\(360, 360\)",
+    "roi_zip_corrupt": r"cells_RoiSet.zip: not a readable ImageJ ROI file",
+    "masks_negative_labels": r"cells_masks.tif: label image has negative values",
+    "masks_fractional_labels": r"cells_masks.tif: label image has non-integer values",
+}
+assert set(ANNOTATION_ERRORS) == set(corpus.ANNOTATION_CASES)
+
+
+@pytest.mark.parametrize("case", sorted(corpus.ANNOTATION_CASES))
+@pytest.mark.parametrize("entry", ["train", "source"])
+def test_annotations(case, entry, cases, tmp_path):
+    from cellplug.annotations import read_annotations
+
+    root, paths = cases
+    folder = paths[case]
+    if entry == "source":
+        with pytest.raises(CellplugError) as exc:
+            list(read_annotations(folder))
+        msg = str(exc.value)
+        assert "\n" not in msg and str(folder) in msg and re.search(ANNOTATION_ERRORS[case], msg)
+        OUTCOMES[case, entry] = f"CellplugError: {_norm(msg, root)}"
+    else:
+        model = tmp_path / "m" / "new.pth"
+        result = _cli(["train", folder, "--out", model, *TRAIN])
+        _check_one_error(result, folder, ANNOTATION_ERRORS[case], root, case, entry)
+        assert not model.parent.exists()
+    _no_payload(root)
+
+
 # -- model cases -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(corpus.MODEL_CASES))
 @pytest.mark.parametrize("entry", ["segment", "eval", "train", "api"])

@@ -28,11 +28,27 @@ class Annotation:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.labels.shape != self.image.shape[:2]:
+        where = self.source or self.stem
+        labels = np.asarray(self.labels)
+        if labels.ndim != 2:
+            raise CellplugError(f"{where}: labels must be 2-D (Y, X), got shape {labels.shape}")
+        if labels.shape != self.image.shape[:2]:
             raise CellplugError(
-                f"{self.source or self.stem}: labels {self.labels.shape} do not match "
-                f"image {self.image.shape[:2]}"
+                f"{where}: labels {labels.shape} do not match image {self.image.shape[:2]}"
             )
+        if labels.dtype == bool:
+            labels = labels.astype(np.uint8)
+        if np.issubdtype(labels.dtype, np.floating):
+            if not np.all(np.isfinite(labels)) or np.any(np.mod(labels, 1)):
+                raise CellplugError(f"{where}: labels must be whole numbers")
+            if labels.size and labels.max() >= 2**24:  # float32 cannot tell such ids apart
+                raise CellplugError(f"{where}: float labels above 2**24 have lost precision")
+            labels = labels.astype(np.int64)
+        elif not np.issubdtype(labels.dtype, np.integer):
+            raise CellplugError(f"{where}: labels must be integers, got {labels.dtype}")
+        if labels.size and labels.min() < 0:
+            raise CellplugError(f"{where}: labels must be >= 0 (0 = background)")
+        self.labels = labels
 
 
 def find_source(location: str | os.PathLike[str], name: str | None = None,

@@ -26,7 +26,11 @@ from . import __version__
 from .errors import CellplugError
 from .hookspecs import HOOK_KINDS
 
-SAVE_CHOICES = ("flows", "overlay", "cellprob")
+SAVE_CHOICES = ("flows", "overlay", "cellprob", "roi", "seg-npy")
+# --save kinds written by an annotation source's writer: the way back to Fiji and Cellpose
+SOURCE_WRITERS = {"roi": "imagej-roi", "seg-npy": "cellpose-seg-npy"}
+SUFFIXES = {"masks": "_masks.tif", "flows": "_flows.tif", "cellprob": "_cellprob.tif",
+            "overlay": "_overlay.png"}
 
 
 def _one_line(text: object) -> str:
@@ -238,7 +242,9 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.option("--augment", is_flag=True, help="Flip test-time augmentation.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--save", "save", multiple=True, type=click.Choice(SAVE_CHOICES),
-              help="Extra outputs: flows (TIFF), overlay (PNG), cellprob (TIFF). Repeatable.")
+              help="Extra outputs: flows (TIFF), overlay (PNG), cellprob (TIFF), roi (ImageJ "
+                   "ROI set, <stem>_RoiSet.zip), seg-npy (Cellpose GUI file, <stem>_seg.npy). "
+                   "Repeatable.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary and write summary.json.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's choice).")
@@ -271,6 +277,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
         raise click.BadParameter("must be a number >= 0", param_hint="--diameter")
     files, problems = io.collect_images(list(inputs))
     plans = {path: _output_targets(path, out_dir, save) for path in files}
+    writers = _source_writers(save)
     _check_unique_outputs(plans)
     opts = SegmentOptions(
         diameter=diameter, channels=_channels(channels), invert=invert,
@@ -293,7 +300,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             t0 = time.perf_counter()
             result = segmenter.segment(image, opts)
             seconds = time.perf_counter() - t0
-            written = _write_outputs(plans[path], image, result)
+            written = _write_outputs(plans[path], image, result, writers, path, opts)
         except CellplugError as exc:
             msg = _one_line(exc)
             if str(path) not in msg:  # e.g. a bad --channels for this image: say which one
@@ -326,29 +333,43 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
         raise SystemExit(1)
 
 
-def _output_targets(path: Path, out_dir: Path | None, save: tuple[str, ...]) -> list[Path]:
-    """Where ``segment`` writes the outputs of ``path``: masks first, then each --save kind."""
+def _output_targets(path: Path, out_dir: Path | None,
+                    save: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """(kind, path) of each output of ``path``: the masks first, then each --save kind."""
     folder = out_dir or path.parent
-    suffix = {"flows": "_flows.tif", "cellprob": "_cellprob.tif", "overlay": "_overlay.png"}
-    return [folder / f"{path.stem}_masks.tif"] + [
-        folder / f"{path.stem}{suffix[kind]}" for kind in SAVE_CHOICES if kind in save
-    ]
+    out = [("masks", folder / f"{path.stem}{SUFFIXES['masks']}")]
+    for kind in SAVE_CHOICES:
+        if kind in save:
+            suffix = SUFFIXES.get(kind) or _source_writers((kind,))[kind].output_suffix
+            out.append((kind, folder / f"{path.stem}{suffix}"))
+    return out
+
+
+def _source_writers(save: tuple[str, ...]) -> dict[str, Any]:
+    """The annotation sources that write the --save kinds of :data:`SOURCE_WRITERS`."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    return {kind: registry.get("source", name) for kind, name in SOURCE_WRITERS.items()
+            if kind in save}
 
 
 def _check_unique_outputs(plans: dict[Path, list[Path]]) -> None:
     """Refuse, before any work, two inputs that would write the same output file."""
     owner: dict[Path, Path] = {}
     for path, targets in plans.items():
-        key = targets[0].resolve()
+        masks = targets[0][1]
+        key = masks.resolve()
         if key in owner:
             raise CellplugError(
-                f"{owner[key]} and {path} would both write {targets[0]}; give them different "
+                f"{owner[key]} and {path} would both write {masks}; give them different "
                 f"--out folders or rename one (nothing was written)"
             )
         owner[key] = path
 
 
-def _write_outputs(targets: list[Path], image, result) -> list[Path]:
+def _write_outputs(targets: list[tuple[str, Path]], image, result, writers: dict[str, Any],
+                   path: Path, opts: Any) -> list[Path]:
     """Write an image's outputs to ``targets`` (from :func:`_output_targets`): all or none.
 
     An output that existed before is replaced only when every new one is ready, and kept
@@ -356,28 +377,32 @@ def _write_outputs(targets: list[Path], image, result) -> list[Path]:
     """
     from . import io, render
 
-    for target in targets:
+    paths = [p for _, p in targets]
+    for target in paths:
         if target.exists() and not target.is_file():
             raise CellplugError(f"cannot write {target}: it exists and is not a file")
-    writers = {
-        "_masks.tif": lambda p: io.write_labels(p, result.labels, atomic=False),
-        "_flows.tif": lambda p: io.write_tiff(p, result.flows, "CYX", atomic=False),
-        "_cellprob.tif": lambda p: io.write_tiff(p, result.cellprob, "YX", atomic=False),
-        "_overlay.png": lambda p: io.write_png(
+    write = {
+        "masks": lambda p: io.write_labels(p, result.labels, atomic=False),
+        "flows": lambda p: io.write_tiff(p, result.flows, "CYX", atomic=False),
+        "cellprob": lambda p: io.write_tiff(p, result.cellprob, "YX", atomic=False),
+        "overlay": lambda p: io.write_png(
             p, render.outline_overlay(image, result.labels), atomic=False),
+        "roi": lambda p: writers["roi"].write(p, image, result.labels),
+        "seg-npy": lambda p: writers["seg-npy"].write(
+            p, image, result.labels, flows=result.flows, cellprob=result.cellprob,
+            diameter=result.diameter, channels=tuple(opts.channels), filename=str(path)),
     }
     try:
-        with io.atomic_paths(targets) as temps:
-            for target, tmp in zip(targets, temps, strict=True):
-                kind = next(k for k in writers if target.name.endswith(k))
+        with io.atomic_paths(paths) as temps:
+            for (kind, target), tmp in zip(targets, temps, strict=True):
                 try:
-                    writers[kind](tmp)
+                    write[kind](tmp)
                 except OSError as exc:  # disk full...
                     raise CellplugError(f"cannot write {target} ({exc.strerror or exc})") from None
     except OSError as exc:  # read-only folder (no temporary file), a failed rename...
-        where = exc.filename2 or exc.filename or targets[0].parent
+        where = exc.filename2 or exc.filename or paths[0].parent
         raise CellplugError(f"cannot write {where} ({exc.strerror or exc})") from None
-    return targets
+    return paths
 
 
 # -- train -------------------------------------------------------------------------------

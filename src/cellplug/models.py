@@ -18,7 +18,6 @@ Models are looked up by: an existing path; a name registered by a plugin
 
 from __future__ import annotations
 
-import io as _io
 import json
 import math
 import os
@@ -197,49 +196,12 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, scalars and plain containers; refuses everything else."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("builtins", "dict"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-
-
 def load_cellpose_size_model(path: str | os.PathLike[str]) -> SizeModel:
     """Read a Cellpose ``*_size.npy`` (a pickled dict of arrays) without running code."""
+    from .safeload import load_pickled_npy
+
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CellplugError(f"{path}: cannot read size model ({exc.strerror or exc})") from None
-    try:
-        buf = _io.BytesIO(raw)
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            _shape, _fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            _shape, _fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            raise CellplugError(f"{path}: unsupported .npy format version {version}")
-        if dtype != np.dtype(object):
-            raise CellplugError(f"{path}: expected a Cellpose size model (a pickled dict)")
-        obj = _ArrayOnlyUnpickler(buf).load()
-    except CellplugError:
-        raise
-    except Exception as exc:
-        raise CellplugError(f"{path}: not a readable Cellpose size model ({exc})") from None
+    obj = load_pickled_npy(path, what="Cellpose size model")
     if isinstance(obj, np.ndarray):
         obj = obj.item() if obj.shape == () else obj
     if not isinstance(obj, dict):

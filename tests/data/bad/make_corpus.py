@@ -292,10 +292,66 @@ MODEL_CASES: dict[str, Callable[[Path], Path]] = {
 }
 
 
+# -- annotation folders (what train and the annotation sources read) ------------------------
+def _with_image(d: Path, stem: str = "cells") -> Path:
+    folder = d / "annotations"
+    folder.mkdir()
+    shutil.copy(EXAMPLE, folder / f"{stem}.tif")
+    return folder
+
+
+def seg_npy_pickle_payload(d: Path) -> Path:
+    folder = _with_image(d)
+    data = {"masks": np.zeros((360, 360), np.uint16), "evil": _Payload(d / PAYLOAD_SENTINEL)}
+    np.save(folder / "cells_seg.npy", data, allow_pickle=True)
+    return folder
+
+
+def seg_npy_3d_masks(d: Path) -> Path:
+    folder = _with_image(d)
+    np.save(folder / "cells_seg.npy", {"masks": np.zeros((2, 360, 360), np.uint16)},
+            allow_pickle=True)
+    return folder
+
+
+def seg_npy_shape_mismatch(d: Path) -> Path:
+    folder = _with_image(d)
+    np.save(folder / "cells_seg.npy", {"masks": np.ones((100, 100), np.uint16)},
+            allow_pickle=True)
+    return folder
+
+
+def roi_zip_corrupt(d: Path) -> Path:
+    folder = _with_image(d)
+    (folder / "cells_RoiSet.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    return folder
+
+
+def masks_negative_labels(d: Path) -> Path:
+    folder = _with_image(d)
+    tifffile.imwrite(folder / "cells_masks.tif", -np.ones((360, 360), np.int32))
+    return folder
+
+
+def masks_fractional_labels(d: Path) -> Path:
+    folder = _with_image(d)
+    tifffile.imwrite(folder / "cells_masks.tif", np.full((360, 360), 1.5, np.float32))
+    return folder
+
+
+ANNOTATION_CASES: dict[str, Callable[[Path], Path]] = {
+    f.__name__: f
+    for f in (
+        seg_npy_pickle_payload, seg_npy_3d_masks, seg_npy_shape_mismatch, roi_zip_corrupt,
+        masks_negative_labels, masks_fractional_labels,
+    )
+}
+
+
 def make_all(root: Path) -> dict[str, Path]:
     """Every case in its own folder under ``root``: {case name: path to pass}."""
     out = {}
-    for name, make in {**IMAGE_CASES, **MODEL_CASES}.items():
+    for name, make in {**IMAGE_CASES, **MODEL_CASES, **ANNOTATION_CASES}.items():
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         out[name] = make(folder)
