@@ -90,6 +90,31 @@ def remove_edge_objects(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
+def stored_values(image: Any, data: np.ndarray) -> np.ndarray:
+    """The intensities as stored in the file, when CellProfiler's 0..1 scaling can be undone.
+
+    CellProfiler divides an integer image by its scale (255 for 8 bits, 65535 for 16 bits,
+    or the bit depth from the file's metadata) when it loads it. cellplug normalises each
+    image by its percentiles, so the scale changes nothing in principle, but in float32 the
+    divided values round differently, and (with bfloat16 inference) a few boundary pixels or
+    the estimated diameter can move. Multiplying back gives exactly the numbers that
+    ``cellplug segment`` reads from the file. When that does not reproduce the pixel data
+    (an image computed by another module, which inherits its parent's scale), the pixel data
+    is used as it is.
+    """
+    scale = getattr(image, "scale", None)
+    if scale is None or not np.isfinite(scale) or scale <= 1 or scale > 2**24:
+        return data
+    if not np.issubdtype(data.dtype, np.floating) or data.size == 0:
+        return data
+    if not np.isfinite(data).all():
+        return data
+    restored = np.rint(data.astype(np.float64) * scale)
+    if restored.min() < 0 or not np.array_equal((restored / scale).astype(data.dtype), data):
+        return data
+    return restored.astype(np.float32)
+
+
 class RunCellplug(ImageSegmentation):
     """RunCellplug: segment cells or nuclei with cellplug (flow fields, Cellpose-compatible).
 
@@ -366,13 +391,30 @@ setting has no effect yet (it is saved, and a note is logged when a GPU is prese
 
     def _pixels(self, workspace) -> tuple[Any, np.ndarray]:
         """The input image and the array to segment: (Y, X), (Y, X, C) or (Y, X, 2)."""
+        from cellplug.io import MAX_CHANNELS
+
         x = workspace.image_set.get_image(self.x_name.value)
         data = x.pixel_data
         if x.volumetric or data.ndim not in (2, 3):
-            raise self._fail(workspace, f"image {self.x_name.value!r} is 3-D (shape "
-                                        f"{data.shape}); RunCellplug segments 2-D images")
+            raise self._fail(workspace, f"image {self.x_name.value!r} has shape {data.shape}"
+                                        f"{' (3-D)' if x.volumetric else ''}; RunCellplug "
+                                        f"segments 2-D images, grayscale (Y, X) or colour "
+                                        f"(Y, X, C)")
+        if data.ndim == 3 and data.shape[2] > MAX_CHANNELS:
+            # CellProfiler's readers give a stack of planes without axis metadata as (P, Y, X),
+            # which CellProfiler itself takes for Y, X, C: refuse rather than guess
+            raise self._fail(workspace, f"image {self.x_name.value!r} has shape {data.shape}, "
+                                        f"{data.shape[2]} channels (at most {MAX_CHANNELS}); if "
+                                        f"the file is a stack of planes, load one plane per "
+                                        f"image in NamesAndTypes")
+        if min(data.shape[:2]) == 1:
+            # cellplug gives such an image 0 objects, but CellProfiler's label conversion
+            # (convert_dense_to_sparse) drops length-1 axes and fails on any later use
+            raise self._fail(workspace, f"image {self.x_name.value!r} has shape {data.shape}; "
+                                        f"CellProfiler cannot hold objects of an image 1 pixel "
+                                        f"high or wide")
         if not self.supply_nuclei.value:
-            return x, data
+            return x, stored_values(x, data)
         nuc = workspace.image_set.get_image(self.nuclei_image.value)
         nuc_data = nuc.pixel_data
         if data.ndim != 2 or nuc_data.ndim != 2 or nuc.volumetric:
@@ -381,7 +423,7 @@ setting has no effect yet (it is saved, and a note is logged when a GPU is prese
         if nuc_data.shape != data.shape:
             raise self._fail(workspace, f"nuclei image {self.nuclei_image.value!r} is "
                                         f"{nuc_data.shape}, the input image is {data.shape}")
-        return x, np.stack([data, nuc_data], axis=-1)
+        return x, np.stack([stored_values(x, data), stored_values(nuc, nuc_data)], axis=-1)
 
     def run(self, workspace) -> None:
         from cellplug.errors import CellplugError
@@ -462,4 +504,4 @@ def _gpu_seen() -> bool:
 
 
 __all__ = ["CUSTOM_MODEL", "RunCellplug", "RunCellplugError", "installed_models",
-           "model_choices", "remove_edge_objects"]
+           "model_choices", "remove_edge_objects", "stored_values"]
