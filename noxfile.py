@@ -82,3 +82,39 @@ def golden(session: nox.Session) -> None:
     """Regenerate tests/data/golden/ (Cellpose 3.1.1.2's outputs the default tests compare to)."""
     _reference_env(session)
     session.run("python", "tests/data/golden/make_golden.py")
+
+
+# CellProfiler 5 exists on PyPI only as pinned nightlies; these install on Python 3.11 and run
+# headless. They need numpy<2 and scipy<1.11, so cellplug's core runs there too (issue 19).
+CELLPROFILER = (
+    "cellprofiler-core-nightly==5.0.0.dev784",
+    "cellprofiler-library-nightly==5.0.0.dev784",
+    "centriole-nightly==5.0.0.dev784",
+)
+CELLPROFILER_STACK = ("numpy==1.26.4", "scipy==1.10.1", "scikit-image==0.24.0")
+# the headless `cellprofiler` command, installed --no-deps (it requires wxPython and
+# mysqlclient, for the GUI and ExportToDatabase only), and what it imports at run time
+CELLPROFILER_APP = "cellprofiler-nightly==5.0.0.dev784"
+CELLPROFILER_APP_DEPS = ("imageio", "Jinja2", "joblib", "sentry-sdk~=2.8.0", "rapidfuzz",
+                         "requests", "six", "Pillow", "docutils==0.15.2")
+
+
+@nox.session
+def cellprofiler(session: nox.Session) -> None:
+    """The CellProfiler bridge (bridges/cellprofiler) in a headless CellProfiler 5: its tests,
+    then cellplug's own suite under numpy 1.26 / scipy 1.10 / scikit-image 0.24."""
+    session.install(TORCH)
+    # one resolver run with every pin, so that nothing later upgrades numpy to 2
+    session.install("-e", ".[test]", "-e", "bridges/cellprofiler[test]", *CELLPROFILER,
+                    *CELLPROFILER_STACK)
+    session.install("--no-deps", CELLPROFILER_APP)
+    session.install(*CELLPROFILER_APP_DEPS, *CELLPROFILER, *CELLPROFILER_STACK)
+    for plugin in sorted(glob.glob("tests/plugins/dists/*/pyproject.toml")):
+        session.install(plugin.rsplit("/", 1)[0])
+    session.run("python", "-c", "import numpy, scipy, skimage; "
+                "v = (numpy.__version__, scipy.__version__, skimage.__version__); print(v); "
+                "assert v == ('1.26.4', '1.10.1', '0.24.0'), v")
+    with session.chdir("bridges/cellprofiler"):
+        session.run("pytest", "-p", "no:cacheprovider", *session.posargs)
+    if not session.posargs:  # cellplug's own suite, on CellProfiler's numpy/scipy/skimage
+        session.run("pytest", "tests")

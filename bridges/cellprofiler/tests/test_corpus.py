@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_module, run_module
-
 from cellplug_cellprofiler.module import RunCellplugError
+from conftest import REPO, make_module, run_module
 
 _spec = importlib.util.spec_from_file_location("make_corpus",
                                                REPO / "tests/data/bad/make_corpus.py")
@@ -126,11 +125,11 @@ def test_bad_array_from_another_module(name):
 def test_model_case(case, tmp_path):
     """Every bad model file: the module's error names the image set and gives cellplug's
     reason, the same text as Segmenter.from_model; a pickled payload never runs."""
-    from cellplug.errors import CellplugError
-    from cellplug.segmenter import Segmenter
+    from cellplug_cellprofiler.module import CUSTOM_MODEL
     from cellprofiler_core.preferences import ABSOLUTE_FOLDER_NAME
 
-    from cellplug_cellprofiler.module import CUSTOM_MODEL
+    from cellplug.errors import CellplugError
+    from cellplug.segmenter import Segmenter
 
     path = corpus.MODEL_CASES[case](tmp_path)
     with pytest.raises(CellplugError) as api:

@@ -3,10 +3,11 @@ standard measurements, large label counts, empty images, errors naming the image
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import tifffile
+from cellplug_cellprofiler import module as cpmodule
+from cellplug_cellprofiler.module import CUSTOM_MODEL, RunCellplugError, remove_edge_objects
 from conftest import (
     GRAY,
     TWO_CHANNEL_OPTIONS,
@@ -15,9 +16,6 @@ from conftest import (
     run_module,
     segment_reference,
 )
-
-from cellplug_cellprofiler import module as cpmodule
-from cellplug_cellprofiler.module import CUSTOM_MODEL, RunCellplugError, remove_edge_objects
 
 
 def _objects(workspace, name="Cells"):
