@@ -55,9 +55,17 @@ def find_source(location: str | os.PathLike[str], name: str | None = None,
                 registry: PluginRegistry | None = None):
     """The annotation source called ``name``, or the first one that can read ``location``."""
     registry = registry or get_registry()
+    return registry.get("source", source_name(location, name, registry))
+
+
+def source_name(location: str | os.PathLike[str], name: str | None = None,
+                registry: PluginRegistry | None = None) -> str:
+    """The name of the annotation source :func:`find_source` picks for ``location``."""
+    registry = registry or get_registry()
     path = Path(location)
     if name is not None:
-        return registry.get("source", name)
+        registry.get("source", name)  # an unknown name is an error listing the known ones
+        return name
     for reg_name in registry.names("source"):
         source = registry.get("source", reg_name)
         try:
@@ -69,7 +77,7 @@ def find_source(location: str | os.PathLike[str], name: str | None = None,
                 f"it: {type(exc).__name__}: {exc}"
             ) from exc
         if found:
-            return source
+            return reg_name
     kinds = ", ".join(registry.names("source")) or "none"
     reasons = []
     for reg_name in registry.names("source"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import signal
 import sys
 import time
@@ -76,6 +77,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["cellplug.argv"] = ["cellplug", *args]  # the command, for model lineage
+        return super().parse_args(ctx, args)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(_plugin_commands()))
 
@@ -429,10 +434,19 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_path", type=click.Path(path_type=Path),
               help="Model path (.pth; metadata goes to .json beside it).")
+@click.option("--name", "model_name", default=None,
+              help="Save into your model folder under this new name instead of --out (never "
+                   "overwrites: name each round, e.g. mylab-r1, mylab-r2).")
 @click.option("--base", "base_ref", default=None,
               help="Start from this model (name or path): fine-tuning.")
+@click.option("--recipe", type=click.Choice(["hitl", "scratch"]), default=None,
+              help="Defaults for the options below: hitl (Cellpose 2.0's recipe for 1-10 "
+                   "corrected images: SGD lr 0.1, weight decay 1e-4, 100 epochs, no warm-up; "
+                   "the default with --base) or scratch (AdamW lr 0.005, weight decay 1e-5, "
+                   "10 warm-up epochs; the default without).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
 @click.option("--source", "source_name", default=None,
               help="Annotation source (default: auto-detect).")
 @click.option("--val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -440,16 +454,18 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               show_default=True,
               help="Hold out this fraction (by stem hash) when no --val-list is given.")
-@click.option("--epochs", type=click.IntRange(min=0), default=100, show_default=True,
-              help="Training epochs; 0 (with --base only) keeps the base's weights and refits "
-                   "its size model.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=0), default=None,
+              help="Training epochs (recipe: 100); 0 (with --base only) keeps the base's "
+                   "weights and refits its size model.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="(recipe: 8)")
 @click.option("--patch", type=click.IntRange(min=32), default=224, show_default=True,
               help="Square patch size (pixels, a multiple of 16).")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=0.005,
-              show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5, show_default=True)
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="(recipe: 0.1 hitl, 0.005 scratch)")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help="(recipe: 1e-4 hitl, 1e-5 scratch)")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=None,
+              help="(recipe: 0 hitl, 10 scratch)")
 @click.option("--diam-mean", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True,
               help="Object diameter patches are rescaled to (new models only).")
@@ -482,20 +498,30 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
               help="stop: a bad image/label pair stops the run before training; skip: report "
                    "it, leave it out, and train on the rest.")
 @click.option("-q", "--quiet", is_flag=True)
-def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, source_name: str | None,
-          val_list: Path | None, val_fraction: float, epochs: int, batch_size: int, patch: int,
-          learning_rate: float, weight_decay: float, warmup_epochs: int, diam_mean: float,
+def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | None,
+          base_ref: str | None, recipe: str | None, optimizer: str | None,
+          source_name: str | None, val_list: Path | None, val_fraction: float,
+          epochs: int | None, batch_size: int | None, patch: int,
+          learning_rate: float | None, weight_decay: float | None, warmup_epochs: int | None,
+          diam_mean: float,
           images_per_epoch: int | None, sampling: str, group_column: str | None,
           eval_every: int, eval_images: int | None,
           checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, precision: str,
           bf16: bool, threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
           on_error: str, quiet: bool) -> None:
-    """Train (or fine-tune with --base) a model on annotated images."""
+    """Train (or fine-tune with --base) a model on annotated images.
+
+    SOURCES are folders an annotation source reads: images with <stem>_masks.tif (Cellpose's
+    training folders), Cellpose GUI <stem>_seg.npy files, or ImageJ ROI sets
+    (<stem>_RoiSet.zip, <stem>.zip, <stem>.roi); --source picks one when several could.
+    """
     from .annotations import read_annotations
+    from .annotations import source_name as detect_source
+    from .hitl import lineage, new_model_path, recipe_config
     from .inference import resolve_precision
     from .models import build_network, resolve_model
     from .plugins import get_registry
-    from .train import TrainConfig, prepare_samples
+    from .train import prepare_samples
     from .train import train as run_training
 
     if bf16:
@@ -505,10 +531,17 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
     if epochs == 0 and base_ref is None:
         raise click.BadParameter("0 trains nothing; without --base that would save an untrained "
                                  "network", param_hint="--epochs")
+    if (out_path is None) == (model_name is None):
+        raise click.UsageError("give --out PATH or --name NAME (one of them)")
+    if model_name is not None:
+        out_path = new_model_path(model_name)
+    assert out_path is not None
     registry = get_registry()
-    config = TrainConfig(
+    config = recipe_config(
+        recipe or ("hitl" if base_ref else "scratch"),
         epochs=epochs, batch_size=batch_size, patch=patch, learning_rate=learning_rate,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, diam_mean=diam_mean,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer,
+        diam_mean=diam_mean,
         images_per_epoch=images_per_epoch, sampling=sampling, seed=seed, eval_every=eval_every,
         eval_images=eval_images, checkpoint_every=checkpoint_every,
         bf16=resolve_precision(precision) == "bf16", threads=threads,
@@ -519,7 +552,8 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
         build_network(base, registry)
     decoder = registry.get("decoder", base.decoder if base else config.decoder)
     val_stems = set(val_list.read_text().split()) if val_list else None
-    train_s, val_s, described = [], [], []
+    train_s, val_s, described, used = [], [], [], []
+    formats: list[str] = []
     skipped: list[str] = []
 
     def skip(exc: CellplugError) -> None:
@@ -527,7 +561,8 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
         skipped.append(_one_line(exc))
 
     for src in sources:
-        anns = list(read_annotations(src, source_name, registry,
+        formats.append(detect_source(src, source_name, registry))
+        anns = list(read_annotations(src, formats[-1], registry,
                                      on_error=skip if on_error == "skip" else None))
         if val_stems is not None:
             is_val = [a.stem in val_stems for a in anns]
@@ -535,6 +570,7 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
             is_val = [_is_val(a.stem, val_fraction, seed) for a in anns]
         tr = [a for a, v in zip(anns, is_val, strict=True) if not v]
         va = [a for a, v in zip(anns, is_val, strict=True) if v]
+        used += tr
         groups = _sampling_groups(src, group_column)
         for group in sorted({groups.get(a.stem, src.name) for a in anns}):
             tr_g = [a for a in tr if groups.get(a.stem, src.name) == group]
@@ -548,14 +584,18 @@ def train(sources: tuple[Path, ...], out_path: Path, base_ref: str | None, sourc
         train_s, val_s, out_path, config, base_model=base, registry=registry,
         checkpoint_dir=checkpoint_dir, resume=resume, progress=not quiet,
         data_description={"sources": described, "val_list": val_list.name if val_list else None,
-                          "groups": sorted({t.group for t in train_s}), "skipped": skipped},
+                          "groups": sorted({t.group for t in train_s}), "skipped": skipped,
+                          **lineage(used, ", ".join(sorted(set(formats))),
+                                    shlex.join(click.get_current_context().meta.get(
+                                        "cellplug.argv", sys.argv)))},
         log_fn=lambda m: click.echo(m, err=True),
     )
-    if epochs == 0:
-        click.echo(f"saved {result.model_path} (not trained: --epochs 0 kept the weights of "
-                   f"{base_ref} and refitted its size model)")
+    name = f" as model {model_name!r}" if model_name else ""
+    if config.epochs == 0:
+        click.echo(f"saved {result.model_path}{name} (not trained: --epochs 0 kept the weights "
+                   f"of {base_ref} and refitted its size model)")
     else:
-        click.echo(f"saved {result.model_path} (trained {epochs} epochs"
+        click.echo(f"saved {result.model_path}{name} (trained {config.epochs} epochs"
                    f"{f'; {len(skipped)} bad pair(s) skipped' if skipped else ''})")
 
 

@@ -45,6 +45,8 @@ class TrainConfig:
     learning_rate: float = 0.005
     weight_decay: float = 1e-5
     warmup_epochs: int = 10
+    optimizer: str = "adamw"  # or "sgd" (with momentum): Cellpose 2.0's human-in-the-loop recipe
+    momentum: float = 0.9
     decay_fraction: float = 0.2  # the last 20 % of epochs halve the LR ten times
     scale_range: float = 0.5
     diam_mean: float = 30.0
@@ -271,12 +273,15 @@ def train(
     progress: bool = True,
     data_description: dict[str, Any] | None = None,
     log_fn: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train and save a model to ``out_path`` (``.pth`` + ``.json``).
 
     ``base_model`` starts from its weights (fine-tuning); otherwise from random weights.
     With ``checkpoint_dir``, a checkpoint is written every ``checkpoint_every`` epochs and
-    ``resume`` continues from the latest one.
+    ``resume`` continues from the latest one. ``should_stop`` is asked before every batch
+    (a GUI's cancel button); when it says yes, :class:`TrainingCancelled` is raised and no
+    model is saved.
     """
     import torch
     from tqdm import tqdm
@@ -312,9 +317,15 @@ def train(
         "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     )
     net = net.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=config.learning_rate,
+                              momentum=config.momentum, weight_decay=config.weight_decay)
+    elif config.optimizer == "adamw":
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    else:
+        raise CellplugError(f"unknown optimizer {config.optimizer!r}; use 'adamw' or 'sgd'")
     sched = lr_schedule(
         config.epochs, config.learning_rate, config.warmup_epochs, config.decay_fraction
     )
@@ -354,6 +365,12 @@ def train(
         recon = registry.get("reconstructor", "cellpose-dynamics")
         return Segmenter(info, net, decoder, recon)
 
+    if start_epoch < config.epochs:
+        step = estimate_step_seconds(net, train_samples, decoder, config, device)
+        n_steps = (config.epochs - start_epoch) * math.ceil(n_per_epoch / config.batch_size)
+        say(f"training: {config.epochs - start_epoch} epochs x "
+            f"{math.ceil(n_per_epoch / config.batch_size)} steps of {config.batch_size} "
+            f"patches, about {_minutes(n_steps * step)} here ({step:.2f} s per step)")
     t_start = time.time()
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
@@ -373,6 +390,8 @@ def train(
             leave=False,
         )
         for b in bar:
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled("training cancelled; no model was saved")
             idx = order[b : b + config.batch_size]
             xs, ts = zip(
                 *[
@@ -458,6 +477,48 @@ def train(
         meta["training"]["averaged_from"] = base_training["averaged_from"]
     path = save_model(out_path, net, meta, half=True)
     return TrainResult(path, history)
+
+
+class TrainingCancelled(CellplugError):
+    """Training was stopped by ``should_stop``; nothing was saved."""
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def estimate_step_seconds(
+    net: Any, samples: Sequence[Sample], decoder: Any, config: TrainConfig, device: Any
+) -> float:
+    """Seconds of one training step, timed on one batch (forward and backward, no update).
+
+    The gradients it leaves are cleared; weights, optimizer state and the random streams of
+    training are not touched (its patches come from a generator of their own).
+    """
+    import torch
+
+    rng = np.random.default_rng(987654321)
+    idx = rng.integers(0, len(samples), min(config.batch_size, max(len(samples), 1)))
+    dm = float(net.diam_mean.item())
+    xs, ts = zip(*[random_patch(samples[i], rng, config.patch, dm, config.scale_range,
+                                decoder)[:2] for i in idx], strict=True)
+    x = torch.from_numpy(np.stack(xs)).to(device, memory_format=torch.channels_last)
+    t = torch.from_numpy(np.stack(ts)).to(device)
+    was_training = net.training
+    net.train()
+    state = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or
+             "num_batches" in k}  # batch-norm statistics move in a forward pass in train mode
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        raw, _ = net(x)
+    decoder.loss(raw.float(), t).backward()
+    seconds = time.perf_counter() - t0
+    net.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in state.items():
+            net.state_dict()[k].copy_(v)
+    net.train(was_training)
+    return seconds
 
 
 def _styles_of_patches(
