@@ -493,6 +493,10 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True)
 @click.option("--size-epochs", type=click.IntRange(min=1), default=4, show_default=True,
               help="Passes over the training images to fit the size model.")
+@click.option("--size-model", type=click.Choice(["auto", "fit", "keep"]), default="auto",
+              show_default=True,
+              help="fit: fit the size model on the training images; keep: keep the base "
+                   "model's; auto: keep it when fine-tuning on fewer than 10 images.")
 @click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop",
               show_default=True,
               help="stop: a bad image/label pair stops the run before training; skip: report "
@@ -508,7 +512,7 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
           eval_every: int, eval_images: int | None,
           checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, precision: str,
           bf16: bool, threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
-          on_error: str, quiet: bool) -> None:
+          size_model: str, on_error: str, quiet: bool) -> None:
     """Train (or fine-tune with --base) a model on annotated images.
 
     SOURCES are folders an annotation source reads: images with <stem>_masks.tif (Cellpose's
@@ -545,7 +549,7 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
         images_per_epoch=images_per_epoch, sampling=sampling, seed=seed, eval_every=eval_every,
         eval_images=eval_images, checkpoint_every=checkpoint_every,
         bf16=resolve_precision(precision) == "bf16", threads=threads,
-        channels=_channels(channels), size_epochs=size_epochs,
+        channels=_channels(channels), size_epochs=size_epochs, size_model=size_model,
     )
     base = resolve_model(base_ref, registry) if base_ref else None
     if base is not None:  # a bad base model fails now, not after the data is prepared

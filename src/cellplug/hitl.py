@@ -37,8 +37,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                 "warmup_epochs": 10, "optimizer": "adamw", "batch_size": 8},
     # Cellpose 2.0's human-in-the-loop recipe for 1-10 corrected images (Pachitariu &
     # Stringer 2022): SGD with momentum 0.9, lr 0.1, weight decay 1e-4, 100 epochs, no warm-up
+    # An epoch is one batch of 8 augmented patches drawn from the few images, as Cellpose's
+    # GUI trains (nimg_per_epoch=8): one-image batches would break batch normalisation.
     "hitl": {"epochs": 100, "learning_rate": 0.1, "weight_decay": 1e-4, "warmup_epochs": 0,
-             "optimizer": "sgd", "batch_size": 8},
+             "optimizer": "sgd", "batch_size": 8, "images_per_epoch": 8},
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

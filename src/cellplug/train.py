@@ -64,6 +64,10 @@ class TrainConfig:
     backbone: str = "cellpose-unet"
     decoder: str = "cellpose-flows"
     size_epochs: int = 4
+    # "fit": fit a size model on the training images; "keep": the base model's (fine-tuning);
+    # "auto": keep the base's when fine-tuning on fewer than MIN_SIZE_FIT_IMAGES images, where a
+    # 256-dimensional regression on a handful of styles would be worse than the base's
+    size_model: str = "auto"
     size_patch: int = 224
 
 
@@ -309,7 +313,11 @@ def train(
     diam_mean = config.diam_mean  # the base's when fine-tuning (see above)
     if not train_samples:
         raise CellplugError("no training images (with enough objects) to train on")
-    diam_labels = float(np.mean([s.diameter for s in train_samples]))
+    keep_size = _keeps_base_size_model(config, base_model, len(train_samples))
+    # the size model's first pass runs at diam_mean / diam_labels: a kept size model needs the
+    # diam_labels it was fitted with, not the mean diameter of a few new images
+    diam_labels = (base_model.diam_labels if keep_size and base_model is not None
+                   else float(np.mean([s.diameter for s in train_samples])))
     with torch.no_grad():
         net.diam_mean.fill_(diam_mean)
         net.diam_labels.fill_(diam_labels)
@@ -375,11 +383,12 @@ def train(
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100003 + epoch)
-        order = (
-            rng.choice(len(train_samples), size=n_per_epoch, replace=probs is not None, p=probs)
-            if probs is not None
-            else rng.permutation(len(train_samples))[:n_per_epoch]
-        )
+        if probs is not None:
+            order = rng.choice(len(train_samples), size=n_per_epoch, replace=True, p=probs)
+        elif n_per_epoch > len(train_samples):  # a few images, full batches: draw repeatedly
+            order = rng.choice(len(train_samples), size=n_per_epoch, replace=True)
+        else:
+            order = rng.permutation(len(train_samples))[:n_per_epoch]
         _set_lr(opt, float(sched[epoch]))
         net.train()
         losses = []
@@ -440,7 +449,12 @@ def train(
         say(json.dumps(record))
 
     net.eval().cpu()
-    size_model = fit_size_model(net, train_samples, diam_mean, config)
+    if keep_size and base_model is not None and base_model.size_model is not None:
+        size_model = base_model.size_model
+        size_note = f"kept from the base model ({len(train_samples)} training images)"
+    else:
+        size_model = fit_size_model(net, train_samples, diam_mean, config)
+        size_note = f"fitted on {len(train_samples)} training images"
     centroid = style_centroid(net, train_samples)
     seg_time = time.time() - t_start
     meta: dict[str, Any] = {
@@ -467,6 +481,7 @@ def train(
             "n_val": len(val_samples),
             "data_hash": data_fingerprint(train_samples),
             "seconds": round(seg_time, 1),
+            "size_model": size_note,
             "history": history,
         },
         "metrics": history[-1].get("val", {}) if history else {},
@@ -519,6 +534,20 @@ def estimate_step_seconds(
             net.state_dict()[k].copy_(v)
     net.train(was_training)
     return seconds
+
+
+MIN_SIZE_FIT_IMAGES = 10
+
+
+def _keeps_base_size_model(config: TrainConfig, base: ModelInfo | None, n_train: int) -> bool:
+    """Whether training keeps the base model's size model (see ``TrainConfig.size_model``)."""
+    mode = config.size_model
+    if mode not in ("fit", "keep", "auto"):
+        raise CellplugError(f"unknown size_model {mode!r}; use 'fit', 'keep' or 'auto'")
+    has = base is not None and base.size_model is not None
+    if mode == "keep" and not has:
+        raise CellplugError("size_model 'keep' needs a base model with a size model")
+    return has and (mode == "keep" or (mode == "auto" and n_train < MIN_SIZE_FIT_IMAGES))
 
 
 def _styles_of_patches(

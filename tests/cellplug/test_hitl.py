@@ -80,6 +80,12 @@ def test_train_name_fine_tunes_two_roi_annotated_images_into_the_zoo(tmp_path, z
     assert [(i["stem"], i["objects"]) for i in data["images"]] == sorted(objects.items())
     assert data["n_objects"] == sum(objects.values()) and data["n_images"] == 2
     assert data["date"].endswith("+00:00") and "--name lab-r1" in data["command"]
+    # two images cannot fit a 256-dimensional size model: the base's is kept, with the
+    # diam_labels its first pass runs at (a fitted one sized phase-contrast cells at a third)
+    base = json.loads(BUNDLED.with_suffix(".json").read_text())
+    assert meta["size_model"] == base["size_model"]
+    assert meta["diam_labels"] == base["diam_labels"] and meta["diam_mean"] == 17.0
+    assert meta["training"]["size_model"] == "kept from the base model (2 training images)"
     # listed, and it segments
     listed = runner.invoke(main, ["models", "list", "--json"])
     assert any(m["name"] == "lab-r1" and m["origin"] == "user" for m in json.loads(listed.stdout))

@@ -1,0 +1,163 @@
+"""Human-in-the-loop benchmark: does fine-tuning on a few corrected images teach a new image type?
+
+As the Cellpose 2.0 paper did, ground truth stands in for a person's corrections. The starting
+model has never seen phase contrast: it is trained on dsb2018 only (nuclei; recipe in
+training/nuclei/train.sh). It is fine-tuned with the human-in-the-loop recipe
+(``cellplug.hitl``, the default of ``cellplug train --base ... --name ...``) on k = 1, 2, 3, 5
+"corrected" Usiigaci phase-contrast images (512 x 512 crops of images outside the validation
+split, <= 200 ROIs in all), then scored, with no diameter given, on
+
+- the Usiigaci validation images (the new type; goal: AP@0.5 up by >= 0.25), and
+- the dsb2018 validation images (the old type; goal: down by <= 0.03).
+
+Usage (``nox -s hitl`` runs it with the default model path)::
+
+    python benchmarks/hitl.py --base runs/nuclei/nuclei.pth [--counts 1 2 3 5] [--quick]
+
+Results: ``benchmarks/results/hitl.json`` and ``hitl.md`` (with the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, data_root, machine, validation_images  # noqa: E402
+
+CROP = 512
+MAX_ROIS = 200
+
+
+def corrected_images(n: int, seed: int = 0):
+    """The ``n`` "corrected" images: 512 x 512 crops of Usiigaci training images (not in the
+    validation split), the same ones in the same order for every k."""
+    import tifffile
+
+    from cellplug.annotations import Annotation
+    from cellplug.segmenter import remove_small_objects
+
+    folder = data_root() / "usiigaci_phc"
+    val = set((Path(__file__).resolve().parents[1] / "training/generalist/val_stems.txt")
+              .read_text().split())
+    stems = sorted(p.name[: -len("_masks.tif")] for p in folder.glob("*_masks.tif"))
+    pool = [s for s in stems if s not in val]
+    order = np.random.default_rng(seed).permutation(len(pool))
+    out = []
+    for i in order[:n]:
+        stem = pool[i]
+        image = tifffile.imread(folder / f"{stem}.tif")[:CROP, :CROP]
+        labels = remove_small_objects(tifffile.imread(folder / f"{stem}_masks.tif")[:CROP, :CROP]
+                                      .astype(np.uint32), 1)
+        out.append(Annotation(image, labels, f"{stem}_crop", f"{stem}.tif[:{CROP}, :{CROP}]"))
+    return out
+
+
+def score(model, items, precision: str, threads: int) -> dict:
+    """Mean per-image AP@0.5 over ``items`` ((image, labels, group) paths), no diameter given."""
+    import tifffile
+
+    from cellplug.metrics import match_counts
+    from cellplug.segmenter import Segmenter, SegmentOptions
+
+    seg = Segmenter.from_model(str(model), threads=threads)
+    opts = SegmentOptions(precision=precision)
+    aps = []
+    for image_path, labels_path, _ in items:
+        pred = seg.segment(tifffile.imread(image_path), opts).labels
+        aps.append(float(match_counts(tifffile.imread(labels_path), pred).ap[0]))
+    return {"ap50": round(float(np.mean(aps)), 4), "n": len(aps)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=Path, default=Path("runs/nuclei/nuclei.pth"))
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 2, 3, 5])
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 100")
+    ap.add_argument("--quick", action="store_true", help="a few images only (a smoke test)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "hitl.json")
+    args = ap.parse_args()
+
+    import torch
+
+    from cellplug.hitl import fine_tune, recipe_config
+    from cellplug.inference import resolve_precision
+    from cellplug.io import file_sha256
+
+    torch.set_num_threads(args.threads)
+    val = validation_images()
+    new_type = [v for v in val if v[2] == "phase_contrast"]
+    old_type = [v for v in val if v[2] != "phase_contrast"]
+    if args.quick:
+        new_type, old_type = new_type[:2], old_type[:3]
+    anns = corrected_images(max(args.counts))
+    rois = [int(np.unique(a.labels[a.labels > 0]).size) for a in anns]
+    print(f"corrected images: {[a.stem for a in anns]}, ROIs {rois}", flush=True)
+
+    rows = []
+    t0 = time.perf_counter()
+    before = {"k": 0, "rois": 0, "usiigaci": score(args.base, new_type, args.precision,
+                                                   args.threads),
+              "dsb2018": score(args.base, old_type, args.precision, args.threads)}
+    before["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    rows.append(before)
+    print(json.dumps(before), flush=True)
+    bf16 = resolve_precision("auto") == "bf16" if args.precision == "auto" else (
+        args.precision == "bf16")
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in args.counts:
+            config = recipe_config("hitl", threads=args.threads, bf16=bf16, seed=0,
+                                   epochs=args.epochs)
+            w0, c0 = time.perf_counter(), time.process_time()
+            result = fine_tune(anns[:k], str(args.base), out_path=Path(tmp) / f"k{k}.pth",
+                               config=config, progress=False, log_fn=lambda m: None)
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            row = {"k": k, "rois": sum(rois[:k]), "train_seconds": round(wall, 1),
+                   "train_cpu_minutes": round(cpu / 60, 2),
+                   "usiigaci": score(result.model_path, new_type, args.precision, args.threads),
+                   "dsb2018": score(result.model_path, old_type, args.precision, args.threads)}
+            row["gain_usiigaci"] = round(row["usiigaci"]["ap50"] - before["usiigaci"]["ap50"], 4)
+            row["change_dsb2018"] = round(row["dsb2018"]["ap50"] - before["dsb2018"]["ap50"], 4)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    doc = {"base": str(args.base), "base_sha256": file_sha256(args.base),
+           "recipe": recipe_config("hitl", epochs=args.epochs).__dict__,
+           "precision": args.precision, "threads": args.threads, "quick": args.quick,
+           "corrected": [{"stem": a.stem, "source": a.source, "rois": r}
+                         for a, r in zip(anns, rois, strict=True)],
+           "rows": rows, "machine": machine()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(doc))
+    print(f"wrote {args.out}")
+
+
+def _markdown(doc: dict) -> str:
+    lines = ["# Human-in-the-loop benchmark", "",
+             f"Base: `{doc['base']}` (sha256 {doc['base_sha256'][:12]}), recipe hitl, "
+             f"precision {doc['precision']}, {doc['threads']} threads. AP@0.5 is the mean over "
+             f"validation images, no diameter given.", "",
+             "| corrected images | ROIs | train min (wall) | train CPU min | Usiigaci AP@0.5 | "
+             "change | dsb2018 AP@0.5 | change |", "| ---: | ---: | ---: | ---: | ---: | ---: | "
+             "---: | ---: |"]
+    for r in doc["rows"]:
+        lines.append(
+            f"| {r['k']} | {r['rois']} | {r.get('train_seconds', 0) / 60:.1f} | "
+            f"{r.get('train_cpu_minutes', 0):.1f} | {r['usiigaci']['ap50']:.3f} | "
+            f"{r.get('gain_usiigaci', 0):+.3f} | {r['dsb2018']['ap50']:.3f} | "
+            f"{r.get('change_dsb2018', 0):+.3f} |")
+    m = doc["machine"]
+    lines += ["", f"Machine: {m}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
