@@ -1,6 +1,9 @@
 """Annotation source: a folder of ``<stem>.<ext>`` images and ``<stem>_masks.<ext>`` labels.
 
-This is Cellpose's training-folder convention (``--mask_filter _masks``).
+This is Cellpose's training-folder convention (``--mask_filter _masks``). Another suffix
+(``train --source mask-folder --source-option mask_suffix=_Nuclei``) reads CellProfiler's label
+images: objects turned into an image by ``ConvertObjectsToImage`` (uint16) and saved by
+``SaveImages`` with the input's name plus a suffix.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ class MaskFolder:
 
     def __init__(self, mask_suffix: str = "_masks") -> None:
         self.mask_suffix = mask_suffix
+
+    def configured(self, mask_suffix: str = "_masks") -> MaskFolder:
+        """Another suffix, e.g. ``_Nuclei`` for CellProfiler's ``SaveImages`` of objects
+        converted with ``ConvertObjectsToImage`` (uint16 labels, ``<stem>_Nuclei.tiff``)."""
+        if not mask_suffix or "/" in mask_suffix:
+            raise TypeError(f"mask_suffix must be a file-name suffix, got {mask_suffix!r}")
+        return MaskFolder(mask_suffix)
 
     def _scan(self, folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
         """(image, labels) pairs and the images without labels, sorted.

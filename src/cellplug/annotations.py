@@ -52,9 +52,24 @@ class Annotation:
 
 
 def find_source(location: str | os.PathLike[str], name: str | None = None,
-                registry: PluginRegistry | None = None):
-    """The annotation source called ``name``, or the first one that can read ``location``."""
+                registry: PluginRegistry | None = None,
+                options: dict[str, str] | None = None):
+    """The annotation source called ``name``, or the first one that can read ``location``.
+
+    ``options`` (e.g. ``{"mask_suffix": "_Nuclei"}``) configure the named source through its
+    optional ``configured(**options)``; they need an explicit ``name``.
+    """
     registry = registry or get_registry()
+    if options:
+        if name is None:
+            raise CellplugError("source options need an explicit source (--source NAME)")
+        configure = getattr(registry.get("source", name), "configured", None)
+        if configure is None:
+            raise CellplugError(f"annotation source {name!r} takes no options")
+        try:
+            return configure(**options)
+        except TypeError as exc:
+            raise CellplugError(f"annotation source {name!r}: {exc}") from None
     return registry.get("source", source_name(location, name, registry))
 
 
@@ -97,13 +112,14 @@ def source_name(location: str | os.PathLike[str], name: str | None = None,
 def read_annotations(location: str | os.PathLike[str], source: str | None = None,
                      registry: PluginRegistry | None = None,
                      on_error: Callable[[CellplugError], None] | None = None,
+                     options: dict[str, str] | None = None,
                      ) -> Iterator[Annotation]:
     """Yield the annotations at ``location`` using ``source`` (auto-detected if ``None``).
 
     With ``on_error``, a source that supports it (``read(location, on_error=...)``) passes
     each item it cannot read to ``on_error`` and goes on; other sources raise as usual.
     """
-    src = find_source(location, source, registry)
+    src = find_source(location, source, registry, options)
     if on_error is not None and "on_error" in inspect.signature(src.read).parameters:
         yield from src.read(Path(location), on_error=on_error)
     else:

@@ -449,6 +449,9 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
 @click.option("--source", "source_name", default=None,
               help="Annotation source (default: auto-detect).")
+@click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE",
+              help="Option of --source, e.g. mask_suffix=_Nuclei for CellProfiler label "
+                   "images. Repeatable.")
 @click.option("--val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File listing validation stems (one per line), kept out of training.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -504,7 +507,8 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.option("-q", "--quiet", is_flag=True)
 def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | None,
           base_ref: str | None, recipe: str | None, optimizer: str | None,
-          source_name: str | None, val_list: Path | None, val_fraction: float,
+          source_name: str | None, source_options: tuple[str, ...], val_list: Path | None,
+          val_fraction: float,
           epochs: int | None, batch_size: int | None, patch: int,
           learning_rate: float | None, weight_decay: float | None, warmup_epochs: int | None,
           diam_mean: float,
@@ -564,10 +568,18 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
         _report_error(exc, f"error: {_one_line(exc)} (skipped)")
         skipped.append(_one_line(exc))
 
+    options = {}
+    for item in source_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--source-option")
+        options[key] = value
     for src in sources:
-        formats.append(detect_source(src, source_name, registry))
+        formats.append(detect_source(src, source_name, registry) if not options else
+                       str(source_name))
         anns = list(read_annotations(src, formats[-1], registry,
-                                     on_error=skip if on_error == "skip" else None))
+                                     on_error=skip if on_error == "skip" else None,
+                                     options=options or None))
         if val_stems is not None:
             is_val = [a.stem in val_stems for a in anns]
         else:

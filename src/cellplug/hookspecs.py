@@ -125,6 +125,8 @@ def register_annotation_sources(register: Register) -> None:
       that error for each bad item and go on with the next (``train --on-error skip``);
     - optionally ``why_not(location) -> str | None``: when ``detect`` is False, a short reason
       (e.g. the label files that are missing), added to the "no source can read this" error.
+    - optionally ``configured(**options) -> source``: a copy with options set (strings from
+      ``train --source NAME --source-option KEY=VALUE``); a TypeError names a bad option.
     """
 
 

@@ -91,3 +91,21 @@ def test_a_source_that_raises_in_detect_is_named(tmp_path, registry):
     with pytest.raises(CellplugError, match=r"annotation source 'aaa-faulty' \(plugin 'faulty'\) "
                        "failed to inspect it: OSError: permission denied"):
         list(read_annotations(tmp_path, registry=registry))
+
+
+def test_cellprofiler_label_images_through_a_suffix_option(tmp_path, registry):
+    """CellProfiler's ConvertObjectsToImage + SaveImages: uint16 labels, <stem>_Nuclei.tiff."""
+    image = np.arange(120, dtype=np.uint16).reshape(12, 10)
+    labels = np.zeros((12, 10), np.uint16)
+    labels[2:6, 3:7] = 300
+    tifffile.imwrite(tmp_path / "plate_A01.tif", image)
+    tifffile.imwrite(tmp_path / "plate_A01_Nuclei.tiff", labels)
+    with pytest.raises(CellplugError, match="no annotation source can read this"):
+        list(read_annotations(tmp_path, registry=registry))
+    with pytest.raises(CellplugError, match="source options need an explicit source"):
+        list(read_annotations(tmp_path, registry=registry, options={"mask_suffix": "_Nuclei"}))
+    (ann,) = list(read_annotations(tmp_path, "mask-folder", registry,
+                                   options={"mask_suffix": "_Nuclei"}))
+    assert ann.stem == "plate_A01" and np.array_equal(ann.labels, labels)
+    with pytest.raises(CellplugError, match="'mask-folder': .*unexpected keyword argument 'x'"):
+        list(read_annotations(tmp_path, "mask-folder", registry, options={"x": "1"}))
