@@ -121,3 +121,4 @@ def cellprofiler(session: nox.Session) -> None:
         # plugins' commands); CellProfiler and the pinned versions stay
         session.run("python", "-m", "pip", "uninstall", "-y", "cellplug-cellprofiler")
         session.run("pytest", "tests")
+        session.install("--no-deps", "-e", "bridges/cellprofiler")  # back, for the benchmark

@@ -74,6 +74,8 @@ def run_cellprofiler(inp: Path, out: Path, plugins: Path) -> tuple[dict[str, flo
     if proc.returncode != 0:
         raise SystemExit(f"cellprofiler failed:\n{proc.stderr[-3000:]}")
     wall = {int(n): float(w) for n, _, w in MODULE_LINE.findall(proc.stderr)}
+    if not wall:  # e.g. the plugin did not load (the bridge is not installed here)
+        raise SystemExit(f"RunCellplug did not run in CellProfiler:\n{proc.stderr[-3000:]}")
     with open(out / "MyExpt_Image.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     names = {int(r["ImageNumber"]): r["FileName_DNA"] for r in rows}
@@ -139,6 +141,7 @@ def main() -> None:
         "module_s_per_image": round(module_s / len(steady), 3),
         "cli_s_per_image": round(cli_s / len(steady), 3),
         "overhead": round(module_s / cli_s - 1, 4),
+        "median_ratio": round(float(np.median([r["module_s"] / r["cli_s"] for r in steady])), 4),
         "overhead_goal": 0.10,
         "first_image": {"image": rows[0]["image"], "module_s": rows[0]["module_s"],
                         "cli_s": rows[0]["cli_s"],
