@@ -375,7 +375,7 @@ def test_annotations(case, entry, cases, tmp_path):
 
 # -- model cases -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(corpus.MODEL_CASES))
-@pytest.mark.parametrize("entry", ["segment", "eval", "train", "api"])
+@pytest.mark.parametrize("entry", ["segment", "eval", "train", "models add", "api"])
 def test_model(case, entry, cases, tmp_path):
     root, paths = cases
     model = paths[case]
@@ -397,8 +397,11 @@ def test_model(case, entry, cases, tmp_path):
                      "-q", "--out", out / "report.json"],
             "train": ["train", corpus.EXAMPLE_MASKS.parent, "--base", model, "--out",
                       out / "new.pth", *TRAIN[2:]],
+            "models add": ["models", "add", model, "--name", "added"],
         }[entry]
-        result = _cli(args)
+        zoo = tmp_path / "zoo"
+        result = _cli(args, env={"CELLPLUG_MODELS": str(zoo)})
+        assert not zoo.exists() or not list(zoo.iterdir()), "models add copied something"
         _check_one_error(result, model.parent, MODEL_ERRORS[case], root, case, entry)
     _no_payload(root)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -427,7 +430,7 @@ def test_broken_json_in_user_models_does_not_disable_the_default(cases, tmp_path
 
 # -- the doc -----------------------------------------------------------------------------------
 def _write_doc() -> None:
-    entries = ["segment", "eval", "train", "source", "api"]
+    entries = ["segment", "eval", "train", "models add", "source", "api"]
     rows = sorted({case for case, _ in OUTCOMES})
     lines = [
         "# Robustness: what each bad input gives, at each entry point",

@@ -180,7 +180,7 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
 # -- models ------------------------------------------------------------------------------
 @main.group()
 def models() -> None:
-    """Inspect available models."""
+    """List, inspect, add, remove and export models."""
 
 
 @models.command("list")
@@ -211,6 +211,57 @@ def models_list(as_json: bool) -> None:
         click.echo(
             f"{star} {r['name']:<24} {r['origin']:<24} diam_mean={r['diam_mean']}  {r['weights']}"
         )
+
+
+@models.command("info")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_info(name: str, as_json: bool) -> None:
+    """Show a model's metadata: architecture, diameters, channels, data, lineage, metrics."""
+    from .zoo import describe
+
+    doc = describe(name)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    for key, value in doc.items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value, default=str)
+            value = value if len(value) <= 200 else value[:197] + "..."
+        click.echo(f"{key:<15} {value}")
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Name in your model folder (default: the file's).")
+def models_add(path: Path, name: str | None) -> None:
+    """Check a model file (ours, or a Cellpose 2/3 .pth with its _size.npy) and copy it into
+    your model folder; nothing is copied if any check fails."""
+    from .zoo import add_model
+
+    info = add_model(path, name)
+    click.echo(f"added {info.name!r} -> {info.weights} (sha256 "
+               f"{info.metadata['added_from']['sha256'][:12]})")
+
+
+@models.command("remove")
+@click.argument("name")
+def models_remove(name: str) -> None:
+    """Delete a model from your model folder (plugin models cannot be removed)."""
+    from .zoo import remove_model
+
+    click.echo(f"removed {remove_model(name)}")
+
+
+@models.command("export")
+@click.argument("name")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+def models_export(name: str, folder: Path) -> None:
+    """Copy a model (weights + metadata) into FOLDER, to share it."""
+    from .zoo import export_model
+
+    for p in export_model(name, folder):
+        click.echo(f"wrote {p}")
 
 
 # -- segment -----------------------------------------------------------------------------
@@ -525,7 +576,7 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
     """
     from .annotations import read_annotations
     from .annotations import source_name as detect_source
-    from .hitl import lineage, new_model_path, recipe_config
+    from .hitl import lineage, recipe_config
     from .inference import resolve_precision
     from .models import build_network, resolve_model
     from .plugins import get_registry
@@ -542,6 +593,8 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
     if (out_path is None) == (model_name is None):
         raise click.UsageError("give --out PATH or --name NAME (one of them)")
     if model_name is not None:
+        from .zoo import new_model_path
+
         out_path = new_model_path(model_name)
     assert out_path is not None
     registry = get_registry()

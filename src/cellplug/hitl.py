@@ -15,7 +15,6 @@ A round of the loop, from the command line::
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -27,9 +26,10 @@ import numpy as np
 
 from .annotations import Annotation
 from .errors import CellplugError
-from .models import ModelInfo, resolve_model, user_model_dir
+from .models import ModelInfo, resolve_model
 from .plugins import PluginRegistry, get_registry
 from .train import TrainConfig, TrainResult, prepare_samples, train
+from .zoo import new_model_path
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Cellpose's recipe for a model trained from many images (AdamW, warm-up, decay)
@@ -42,7 +42,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "hitl": {"epochs": 100, "learning_rate": 0.1, "weight_decay": 1e-4, "warmup_epochs": 0,
              "optimizer": "sgd", "batch_size": 8, "images_per_epoch": 8},
 }
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def recipe_config(recipe: str, **overrides: Any) -> TrainConfig:
@@ -51,24 +50,6 @@ def recipe_config(recipe: str, **overrides: Any) -> TrainConfig:
         raise CellplugError(f"unknown recipe {recipe!r}; use one of {', '.join(RECIPES)}")
     values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(**values)
-
-
-def new_model_path(name: str) -> Path:
-    """Where model ``name`` goes in the user's zoo; an error if the name is taken or unusable.
-
-    Models are never overwritten, so each round of the loop stays available.
-    """
-    if not NAME_PATTERN.match(name):
-        raise CellplugError(f"model name {name!r}: use letters, digits, '.', '_' and '-' "
-                            f"(up to 64 characters, starting with a letter or digit)")
-    from .models import available_models
-
-    path = user_model_dir() / f"{name}.pth"
-    if path.exists() or name in available_models():
-        where = path if path.exists() else "a plugin's model"
-        raise CellplugError(f"a model named {name!r} exists already ({where}); choose another "
-                            f"name, e.g. {name}-2")
-    return path
 
 
 def lineage(annotations: Sequence[Annotation], source_format: str | None,

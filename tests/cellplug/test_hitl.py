@@ -13,10 +13,11 @@ from click.testing import CliRunner
 from cellplug.annotations import Annotation
 from cellplug.cli import main
 from cellplug.errors import CellplugError
-from cellplug.hitl import fine_tune, new_model_path, recipe_config
+from cellplug.hitl import fine_tune, recipe_config
 from cellplug.io import file_sha256
 from cellplug.plugins import set_registry
 from cellplug.train import TrainingCancelled
+from cellplug.zoo import new_model_path
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BUNDLED = Path(__file__).resolve().parents[2] / "plugins/cellplug_zoo/weights/generalist.pth"
