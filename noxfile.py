@@ -33,7 +33,8 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "src", "plugins", "tests", "benchmarks", "training", "noxfile.py")
+    session.run("ruff", "check", "src", "plugins", "tests", "benchmarks", "training", "bridges",
+                "noxfile.py")
 
 
 def _reference_env(session: nox.Session) -> None:
