@@ -37,6 +37,71 @@ def lint(session: nox.Session) -> None:
                 "noxfile.py")
 
 
+@nox.session
+def mutate(session: nox.Session) -> None:
+    """Mutation testing with mutmut (issue 18; not in CI): survivors and score in
+    benchmarks/results/mutation.{json,md}. Modules, tests and mutmut's settings are in
+    benchmarks/mutation.py; equivalent and accepted mutants in
+    benchmarks/mutation_equivalents.toml. A 1-in-6 sample takes ~15 CPU minutes on the
+    2-core machine, all 2421 mutants over an hour.
+
+    After ``--``: ``--tests-at REV`` scores today's code with the tests of commit REV (label
+    "tests at REV"), ``--sample N`` (or ``N:K``) runs a deterministic 1-in-N sample of the
+    mutants (the K-th of N disjoint ones),
+    ``--label NAME`` names the run in the results, ``--keep`` re-uses the previous stage and
+    mutmut's results in it (tests copied again; runs the mutants left and the survivors);
+    anything else goes to ``mutmut run`` (e.g. ``--max-children 1`` or mutant names).
+    """
+    import os
+    import resource
+
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    for plugin in sorted(glob.glob("tests/plugins/dists/*/pyproject.toml")):
+        session.install(plugin.rsplit("/", 1)[0])
+    # tbb: numba's fork-safe threading layer (mutmut forks a process per mutant)
+    session.install("mutmut==3.8.1", "tbb==2023.2.0")
+    args = list(session.posargs)
+    opts = {"--label": None, "--tests-at": None, "--sample": None}
+    for flag in opts:
+        if flag in args:
+            i = args.index(flag)
+            opts[flag] = args[i + 1]
+            del args[i : i + 2]
+    keep = "--keep" in args
+    if keep:
+        args.remove("--keep")
+    tests_at, sample = opts["--tests-at"], opts["--sample"] or "1"
+    label = opts["--label"] or (f"tests at {tests_at}" if tests_at else "now")
+    stage_dir = f"{session.create_tmp()}/stage-{tests_at or 'worktree'}"
+    script = "benchmarks/mutation.py"
+    if not keep:  # a fresh copy: every mutant (of the sample) is run
+        session.run("python", script, "stage", stage_dir,
+                    *(["--tests-at", tests_at] if tests_at else []))
+    elif not tests_at:
+        session.run("python", script, "refresh-tests", stage_dir)
+    if (sample != "1" or keep) and not any("__mutmut_" in a for a in args):  # which to run
+        names = session.run("python", script, "select", stage_dir, "--sample", sample,
+                            *(["--retry-survivors"] if keep else []), silent=True)
+        if not names.split():
+            session.log("no mutant left to run")
+        args += names.split() or ["--help"]
+    venv_lib = os.path.join(os.path.dirname(session.bin), "lib")
+    env = {
+        # one thread each: the CPU time is the work done, and forked workers stay fork-safe
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+        "NUMBA_THREADING_LAYER": "tbb", "LD_LIBRARY_PATH": venv_lib,
+    }
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with session.chdir(stage_dir):
+        if args != ["--help"]:
+            session.run("mutmut", "run", *args, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    session.run("python", script, "report", stage_dir, "--label", label, "--sample", sample,
+                "--cpu-seconds", f"{cpu:.0f}", *(["--add-cpu"] if keep else []))
+
+
 def _reference_env(session: nox.Session) -> None:
     """cellplug and Cellpose 3.1.1.2 side by side (Cellpose is only ever a reference)."""
     session.install(TORCH)

@@ -172,3 +172,131 @@ def test_augmented_inference_restores_every_channel(phc):
 def test_bad_input_shape(net):
     with pytest.raises(CellplugError, match=r"network input must be \(C, Y, X\)"):
         inference.run_network(net, np.zeros((32, 32), np.float32))
+
+
+# -- the helpers around the network, with stand-in networks and hand-computed numbers --------
+def _echo_net(calls=None):
+    """A stand-in backbone: raw = the input's first channel and its negative, twice the third
+    output; style = the per-image means of the two channels (and the batch size it saw)."""
+
+    def net(x):
+        if calls is not None:
+            calls.append((tuple(x.shape), torch.is_autocast_enabled("cpu")))
+        raw = torch.cat([x[:, :1], -x[:, :1], 2 * x[:, 1:2]], 1)
+        style = torch.stack([x[:, 0].mean(dim=(1, 2)) + 1, x[:, 1].mean(dim=(1, 2)) + 2,
+                             torch.full((x.shape[0],), 3.0)], 1)
+        return raw, style
+
+    return net
+
+
+def test_forward_batches_runs_every_image_once_in_chunks():
+    calls = []
+    batch = np.arange(5 * 2 * 8 * 8, dtype=np.float32).reshape(5, 2, 8, 8)
+    raw, styles = inference.forward_batches(_echo_net(calls), batch, batch_size=2)
+    assert [c[0][0] for c in calls] == [2, 2, 1] and not any(c[1] for c in calls)
+    assert raw.shape == (5, 3, 8, 8) and styles.shape == (5, 3)
+    np.testing.assert_array_equal(raw[:, 0], batch[:, 0])
+    np.testing.assert_array_equal(raw[:, 2], 2 * batch[:, 1])
+    np.testing.assert_allclose(styles[:, 0], batch[:, 0].mean(axis=(1, 2)) + 1)
+
+
+def test_forward_batches_bf16_autocasts_and_renormalises_each_style():
+    calls = []
+
+    def net(x):
+        calls.append(torch.is_autocast_enabled("cpu"))
+        # styles of lengths 5 and 2 (a backbone normalises them itself, in bfloat16)
+        return x[:, :1], torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]])
+
+    _, styles = inference.forward_batches(net, np.zeros((2, 1, 8, 8), np.float32),
+                                          precision="bf16")
+    assert calls == [True] and styles.dtype == np.float32
+    np.testing.assert_allclose(styles, [[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], rtol=1e-6)
+
+
+def test_whole_image_estimate_by_hand():
+    # 100 x 2000 pads to (14 + 100 + 14) x (8 + 2000 + 8) = 128 x 2016 pixels
+    assert inference.whole_image_bytes(100, 2000) == 128 * 2016 * 1500
+    assert inference.whole_image_bytes(2000, 100) == 2016 * 128 * 1500
+    assert inference.whole_image_bytes(100, 2000, "bf16", width=64) == 128 * 2016 * 1000 * 2
+    # a wide image is tiled by its own size, not a square of its longer side
+    assert inference.choose_tiling("auto", (100, 2000), budget=10**9) is False
+    assert inference.choose_tiling("auto", (2000, 100), budget=10**9) is False
+    assert inference.choose_tiling("auto", (100, 2000), budget=128 * 2016 * 1500 - 1) is True
+    assert inference.choose_tiling(True, (8, 8)) is True
+    assert inference.choose_tiling(False, (10**5, 10**5)) is False
+
+
+def test_available_memory_reads_meminfo_else_sysconf(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  9999 kB\nMemFree:  1 kB\nMemAvailable:  2048 kB\n")
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/meminfo":
+            return real_open(meminfo, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "open", fake_open, raising=False)
+    assert inference.available_memory() == 2048 * 1024
+
+    def no_meminfo(path, *args, **kwargs):
+        raise OSError("no /proc here")
+
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(inference, "open", no_meminfo, raising=False)
+    monkeypatch.setattr(inference.os, "sysconf", lambda name: pages[name])
+    assert inference.available_memory() == 1000 * 4096
+    monkeypatch.setattr(inference.os, "sysconf", lambda name: 1 / 0 if name else 0)
+    with pytest.raises(ZeroDivisionError):  # only OSError, ValueError, AttributeError mean None
+        inference.available_memory()
+
+
+def test_first_width_is_the_first_feature_width_else_32():
+    class Net:
+        nbase = [16, 32]
+
+    assert inference._first_width(Net()) == 16
+    assert inference._first_width(object()) == 32
+    Net.nbase = []
+    assert inference._first_width(Net()) == 32
+
+
+def test_run_network_reports_how_it_ran():
+    img = np.random.default_rng(0).random((2, 40, 56)).astype(np.float32)
+    calls = []
+    whole = inference.run_network(_echo_net(calls), img, tile=False, precision="bf16")
+    assert (whole.n_tiles, whole.tiled, whole.precision) == (1, False, "bf16")
+    assert calls == [((1, 2, 64, 80), True)]  # padded to a multiple of 16 plus 8 each side
+    np.testing.assert_allclose(whole.raw[0], img[0], atol=0.01)  # bfloat16 rounding
+    calls.clear()
+    tiled = inference.run_network(_echo_net(calls), img, tile=True, precision="bf16")
+    assert (tiled.n_tiles, tiled.tiled, tiled.precision) == (1, True, "bf16")
+    assert calls == [((1, 2, 64, 80), True)]
+
+
+def test_tiled_style_is_the_normalised_sum_over_tiles():
+    """400 x 100 pads to 416 x 128: three 224 x 128 tiles down the image. One bright pixel
+    at (0, 0) lies in the first tile only; the stand-in's style is (sum of channel 0, 1, 0)
+    per tile, so the tiles give (1, 1, 0), (0, 1, 0), (0, 1, 0): sum (1, 3, 0)."""
+
+    def net(x):
+        style = torch.stack([x[:, 0].sum(dim=(1, 2)), torch.ones(x.shape[0]),
+                             torch.zeros(x.shape[0])], 1)
+        return x, style
+
+    img = np.zeros((2, 400, 100), np.float32)
+    img[0, 0, 0] = 1
+    out = inference.run_network(net, img, tile=True, precision="fp32")
+    assert out.n_tiles == 3 and out.style.dtype == np.float32
+    np.testing.assert_allclose(out.style, np.array([1.0, 3.0, 0.0]) / np.sqrt(10), rtol=1e-6)
+
+
+def test_auto_tiling_estimates_with_the_precision_used():
+    img = np.zeros((2, 64, 64), np.float32)  # padded 80 x 80: 9.6 MB in float32, 6.4 MB bf16
+    fp32 = inference.run_network(_echo_net(), img, tile="auto", precision="fp32",
+                                 memory_budget=8_000_000)
+    bf16 = inference.run_network(_echo_net(), img, tile="auto", precision="bf16",
+                                 memory_budget=8_000_000)
+    assert fp32.tiled is True and bf16.tiled is False

@@ -146,3 +146,18 @@ def test_rejects_bad_input():
         iou_matrix(np.zeros((4, 4), int), np.zeros((4, 5), int))
     with pytest.raises(ValueError, match="integer"):
         iou_matrix(np.zeros((4, 4), float), np.zeros((4, 4), float))
+
+
+def test_a_match_exactly_at_the_threshold_beats_a_larger_total_iou():
+    """1-row intervals: t1 = [0, 10), t2 = [10, 16); p1 = [2, 16), p2 = [0, 2).
+    IoU(t1, p1) = 8 / 16 = 0.5 exactly, IoU(t2, p1) = 6 / 14, IoU(t1, p2) = 2 / 10. Pairing
+    t1-p2 and t2-p1 has the larger total IoU (0.63 > 0.5) but no match at 0.5; the matching
+    must take the one match that counts: TP 1, FP 1, FN 1."""
+    true = np.zeros((1, 16), np.int32)
+    true[0, 0:10], true[0, 10:16] = 1, 2
+    pred = np.zeros((1, 16), np.int32)
+    pred[0, 2:16], pred[0, 0:2] = 1, 2
+    np.testing.assert_allclose(iou_matrix(true, pred), [[0.5, 0.2], [6 / 14, 0.0]])
+    c = match_counts(true, pred, [0.5])
+    assert (c.tp[0], c.fp[0], c.fn[0]) == (1, 1, 1)
+    assert average_precision(true, pred, [0.5])[0] == pytest.approx(1 / 3)

@@ -185,3 +185,187 @@ def test_labels_made_at_a_smaller_scale_are_filtered_at_the_original_size(segmen
     assert out.shape == (40, 40) and out.max() == 1 and (out == 1).sum() == 36
     same = seg.reconstruct(flows, cellprob, 200, opts)
     assert seen["min_size"] == 15 and same.shape == (20, 20)
+
+
+def test_median_diameter_skips_absent_ids_and_counts_every_object():
+    """Squares of 4, 9 and 16 px under ids 1, 5 and 9: the median area is 9, so the median
+    diameter is that of a 9 px disk, 3 / (sqrt(pi) / 2) = 3.385 px."""
+    labels = np.zeros((20, 20), np.int32)
+    labels[0:2, 0:2] = 1
+    labels[5:8, 5:8] = 5
+    labels[12:16, 12:16] = 9
+    assert median_diameter(labels) == pytest.approx(3 / (np.sqrt(np.pi) / 2), rel=1e-12)
+    labels[0:2, 0:2] = 0  # two objects left: the median of 3 and 4
+    assert median_diameter(labels) == pytest.approx(3.5 / (np.sqrt(np.pi) / 2), rel=1e-12)
+
+
+def test_remove_small_objects_at_one_pixel_keeps_all_and_renumbers():
+    labels = np.zeros((4, 4), np.uint32)
+    labels[0, 0], labels[3, 3] = 2, 5
+    out = remove_small_objects(labels, 1)
+    assert out[0, 0] == 1 and out[3, 3] == 2 and out.sum() == 3
+
+
+def test_rescale_memory_limit_and_its_message(monkeypatch):
+    """40 bytes per rescaled pixel: an 8192 x 8192 image needs 2.5 GiB."""
+    from cellplug.segmenter import check_rescale
+
+    monkeypatch.setenv("CELLPLUG_MAX_IMAGE_GIB", "1")
+    with pytest.raises(CellplugError, match=r"8192 x 8192 pixels, needing about 2\.5 GiB "
+                                            r"\(limit 1 GiB"):
+        check_rescale((8192, 8192), 30.0, 30.0)
+    assert check_rescale((4096, 6000), 30.0, 30.0) == 1.0  # 0.92 GiB fits
+    with pytest.raises(CellplugError, match="about 1.8 GiB"):  # enlarged twice
+        check_rescale((3000, 4000), 30.0, 15.0)  # 6000 x 8000 x 40 B = 1.79 GiB
+
+
+def test_default_niter_without_resampling_is_200():
+    from cellplug.segmenter import default_niter
+
+    assert default_niter(0.5, resample=False) == 200
+    assert default_niter(2.0, resample=False) == 200
+    assert default_niter(0.5) == 400 and default_niter(2.0) == 100
+
+
+def test_a_decoder_without_vector_channels_gets_cellposes(segmenter):
+    class Plain:
+        n_outputs = 3
+
+    seg = Segmenter(segmenter.model, segmenter.net, Plain(), segmenter.reconstructor)
+    assert seg.vector_channels == (0, 1)
+    assert Segmenter(segmenter.model, segmenter.net, segmenter.decoder,
+                     segmenter.reconstructor).vector_channels == (0, 1)
+
+
+# -- the composition, with stand-in decoders and reconstructors --------------------------------
+def _with_size_model(segmenter, reconstructor):
+    """The tiny segmenter with a size model that always guesses 17 px (A = 0, ymean = 0)."""
+    import dataclasses
+
+    size = {"A": [0.0] * 64, "smean": [0.0] * 64, "ymean": 0.0, "diam_mean": 17.0}
+    model = dataclasses.replace(segmenter.model,
+                                metadata={**segmenter.model.metadata, "size_model": size})
+    return Segmenter(model, segmenter.net, segmenter.decoder, reconstructor)
+
+
+def _one_square(flows, cellprob, **params):
+    labels = np.zeros(cellprob.shape, np.uint32)
+    labels[:10, :10] = 1  # 100 px: a disk of the same area is 11.28 px across
+    return labels
+
+
+def test_size_estimate_is_the_median_mask_diameter_else_the_size_models(segmenter, fluo):
+    seg = _with_size_model(segmenter, _one_square)
+    d100 = 10 / (np.sqrt(np.pi) / 2)
+    assert seg.estimate_diameter(fluo) == pytest.approx(d100)
+    result = seg.segment(fluo, diameter=0)
+    assert result.diameter == pytest.approx(d100)
+    t = result.timings
+    assert set(t) == {"prepare", "size", "network", "masks", "total"}
+    assert all(v >= 0 for v in t.values())
+    assert t["prepare"] + t["size"] + t["network"] + t["masks"] <= t["total"] + 1e-6
+    nothing = _with_size_model(segmenter, lambda flows, cellprob, **p: np.zeros(
+        cellprob.shape, np.uint32))
+    assert nothing.estimate_diameter(fluo) == 17.0  # no masks: the size model's diam_mean
+
+
+def test_decoder_contract_is_checked(segmenter):
+    raw = np.zeros((3, 8, 8), np.float32)
+
+    class WrongFlows:
+        vector_channels = (1, 2)
+
+        def decode(self, raw):
+            return np.zeros((2, 4, 4), np.float32), np.zeros((8, 8), np.float32)
+
+    class Raises(WrongFlows):
+        def decode(self, raw):
+            raise ValueError("no")
+
+    for decoder in (WrongFlows(), Raises()):
+        seg = Segmenter(segmenter.model, segmenter.net, decoder, segmenter.reconstructor)
+        with pytest.raises(CellplugError, match="broke its contract"):
+            seg.decode(raw)
+
+
+def test_reconstructor_gets_the_options_and_its_contract_is_checked(segmenter):
+    seen = {}
+
+    def spy(flows, cellprob, **params):
+        seen.update(params)
+        return np.zeros(cellprob.shape, np.uint32)
+
+    opts = SegmentOptions(cellprob_threshold=-1.5, flow_threshold=0.7, min_size=9,
+                          max_size_fraction=0.25)
+    flows, cellprob = np.zeros((2, 6, 6), np.float32), np.zeros((6, 6), np.float32)
+    Segmenter(segmenter.model, segmenter.net, segmenter.decoder, spy).reconstruct(
+        flows, cellprob, 123, opts)
+    assert seen == {"niter": 123, "cellprob_threshold": -1.5, "flow_threshold": 0.7,
+                    "min_size": 9, "max_size_fraction": 0.25}
+
+    def wrong_shape(flows, cellprob, **params):
+        return np.zeros((3, 3), np.uint32)
+
+    seg = Segmenter(segmenter.model, segmenter.net, segmenter.decoder, wrong_shape)
+    with pytest.raises(CellplugError, match="reconstructor 'wrong_shape' broke its contract"):
+        seg.reconstruct(flows, cellprob, 1, opts)
+
+
+def test_network_gets_the_threads_and_the_decoders_vector_channels(segmenter, fluo,
+                                                                   monkeypatch):
+    """torch's thread count is recorded, not changed (a real 3-thread OpenMP team would make
+    the forked processes of `nox -s mutate` hang)."""
+    import cellplug.segmenter as segmenter_module
+
+    seen, threads = {}, [1]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    real = segmenter_module.run_network
+
+    def spy(net, x, **kw):
+        seen.update(kw, threads=torch.get_num_threads())
+        return real(net, x, **kw)
+
+    class Rotated:
+        n_outputs = 3
+        vector_channels = (2, 3)  # targets: foreground, cellprob-like, then the flow pair
+
+        def decode(self, raw):
+            return raw[1:], raw[0]
+
+    monkeypatch.setattr(segmenter_module, "run_network", spy)
+    seg = Segmenter(segmenter.model, segmenter.net, Rotated(), segmenter.reconstructor,
+                    threads=3)
+    prepared = seg.prepare(fluo[:64, :64], SegmentOptions())
+    seg.network(prepared, 1.0, SegmentOptions(precision="fp32"))
+    assert seen["vector_channels"] == (1, 2) and seen["threads"] == 3
+    assert threads == [1, 3, 1]  # set for the network, then restored
+
+
+def test_from_model_looks_in_the_given_registry(tmp_path, fluo):
+    import types
+
+    from cellplug import hookimpl
+    from cellplug.plugins import PluginRegistry
+
+    path = _tiny_model(tmp_path, fluo, {"diam_mean": 17.0})
+    reg = PluginRegistry()
+    reg.load_entry_points()
+    reg.add_module(types.SimpleNamespace(
+        __name__="only_here",
+        register_models=hookimpl(lambda register: register("only-here", str(path)))),
+        "only_here")
+    seg = Segmenter.from_model("only-here", registry=reg)
+    assert seg.model.name == "only-here" and seg.model.weights == path
+    with pytest.raises(CellplugError, match="unknown model 'only-here'"):
+        Segmenter.from_model("only-here")
+
+
+def test_segment_on_a_small_crop_uses_the_size_estimate_and_times_each_step(segmenter, fluo):
+    seg = _with_size_model(segmenter, _one_square)
+    result = seg.segment(fluo[:48, :64], diameter=0, precision="fp32")
+    assert result.diameter == pytest.approx(10 / (np.sqrt(np.pi) / 2))  # one 100 px mask
+    t = result.timings
+    assert set(t) == {"prepare", "size", "network", "masks", "total"}
+    assert all(0 <= v < 60 for v in t.values())
+    assert t["prepare"] + t["size"] + t["network"] + t["masks"] <= t["total"] + 1e-6

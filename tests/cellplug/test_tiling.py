@@ -119,3 +119,29 @@ def test_matches_cellpose_make_tiles_when_installed():
         starts = [[y0, y0 + grid.tile_y] for _, _, y0, _ in grid.positions()]
         assert [list(p) for p in ysub] == starts
         np.testing.assert_array_equal(tiling.taper_mask(224, 224), cp._taper_mask(224, 224))
+
+
+def test_augmented_mirroring_is_a_checkerboard_on_large_grids():
+    """Cellpose's rule on a 5 x 5 grid (more rows and columns than the tests above): the
+    tile in row j, column i is mirrored in Y when i is odd and in X when j is odd."""
+    grid = tiling.tile_grid(500, 500, augment=True)
+    assert (len(grid.ystarts), len(grid.xstarts)) == (5, 5)
+    yy, xx = np.mgrid[0:500, 0:500].astype(np.float32)
+    tiles = tiling.cut_tiles(np.stack([yy, xx]), grid)
+    out = np.ones((grid.n_tiles, 3, 224, 224), np.float32)
+    restored = tiling.unflip_outputs(out, grid, vector_channels=(0, 1))
+    for k, (j, i, y0, x0) in enumerate(grid.positions()):
+        y_step = tiles[k, 0, 1, 0] - tiles[k, 0, 0, 0]  # +1 upright, -1 mirrored in Y
+        x_step = tiles[k, 1, 0, 1] - tiles[k, 1, 0, 0]
+        assert (y_step, x_step) == (-1 if i % 2 else 1, -1 if j % 2 else 1), (j, i)
+        assert tiles[k, 0].min() == y0 and tiles[k, 1].min() == x0
+        assert restored[k, 0, 0, 0] == (-1 if i % 2 else 1)
+        assert restored[k, 1, 0, 0] == (-1 if j % 2 else 1)
+
+
+def test_an_image_of_exactly_one_tile_is_one_tile_and_the_taper_defaults_to_224():
+    grid = tiling.tile_grid(224, 448)
+    assert (len(grid.ystarts), grid.tile_y) == (1, 224)
+    assert len(grid.xstarts) == math.ceil(1.2 * 448 / 224)
+    assert tiling.taper_mask().shape == (224, 224)
+    np.testing.assert_array_equal(tiling.taper_mask(), tiling.taper_mask(224, 224))

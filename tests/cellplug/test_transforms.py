@@ -189,3 +189,57 @@ def test_same_size_is_a_no_op_and_empty_target_fails():
 def test_rescaled_shape_truncates_as_cellpose():
     assert rescaled_shape((520, 696), 17 / 25) == (int(520 * 17 / 25), int(696 * 17 / 25))
     assert rescaled_shape((3, 3), 0.1) == (1, 1)
+
+
+def test_percentiles_of_a_channel_over_224_cubed_pixels_come_from_a_regular_subsample():
+    """As Cellpose: past 224^3 pixels, every (Y // 224)-th row and (X // 224)-th column, at
+    least every one. A 113 x 100000 channel (11.3 M pixels) samples every row and every
+    446th column; its odd rows are 1000, its even rows their own index (0 .. 112)."""
+    rows = np.arange(113, dtype=np.float32)
+    col = np.where(rows % 2 == 1, 1000.0, rows).astype(np.float32)
+    img = np.broadcast_to(col[None, :, None], (1, 113, 100_000))
+    out = normalize_percentile(img)
+    sample = img[0, :, ::446]
+    assert sample.shape == (113, 225)
+    lo, hi = np.percentile(sample, [1, 99])  # every row sampled: the 99th percentile is 1000
+    assert hi == 1000.0 and lo == 2.0
+    np.testing.assert_allclose(out[0, :, 0], (col - lo) / (hi - lo), rtol=1e-6)
+    np.testing.assert_allclose(out[0, 1::2, 5], 1.0, rtol=1e-6)
+
+
+def test_percentile_bounds():
+    img = np.linspace(0, 100, 101, dtype=np.float32).reshape(1, 1, 101)
+    np.testing.assert_allclose(normalize_percentile(img, 0, 100)[0, 0, [0, 100]], [0, 1])
+    np.testing.assert_allclose(normalize_percentile(img, 0.5, 99.5)[0, 0, [0, 100]],
+                               [-0.5 / 99, 99.5 / 99], rtol=1e-5)
+    for lower, upper in ((-1, 99), (1, 100.5), (50, 50)):
+        with pytest.raises(CellplugError, match="invalid percentiles"):
+            normalize_percentile(img, lower, upper)
+
+
+def test_pixel_value_checks():
+    from cellplug.transforms import check_pixel_values
+
+    check_pixel_values(np.zeros((3, 3), bool))
+    check_pixel_values(np.zeros((3, 3), np.uint64))
+    check_pixel_values(np.array([[-1e38, 2e38]]))  # a range of 3e38 fits in float32
+    check_pixel_values(np.array([[2e38, 3e38]]))  # so does this one: 1e38 wide
+    with pytest.raises(CellplugError, match="exceed what float32"):
+        check_pixel_values(np.array([[-3e38, 3e38]]))
+    with pytest.raises(CellplugError, match="unsupported pixel type"):
+        check_pixel_values(np.zeros((3, 3), complex))
+    for bad, what in ((np.nan, "NaN"), (np.inf, "infinite")):
+        with pytest.raises(CellplugError, match=what):
+            check_pixel_values(np.array([[0.0, bad]], np.float32))
+
+
+def test_prepare_image_passes_network_channels_and_inversion(rgb):
+    one = prepare_image(rgb, (2, 1), n_channels=1)
+    assert one.shape == (1, 20, 30)
+    two = prepare_image(rgb, (2, 1))
+    np.testing.assert_array_equal(one[0], two[0])
+    inv = prepare_image(rgb, (2, 1), invert=True)
+    np.testing.assert_allclose(inv, 1 - two, atol=1e-6)
+    np.testing.assert_allclose(prepare_image(rgb, (2, 0), percentiles=(0, 100))[0],
+                               (rgb[..., 1] - rgb[..., 1].min())
+                               / float(np.ptp(rgb[..., 1])), rtol=1e-6)

@@ -212,3 +212,17 @@ def test_other_real_crops_match_reference(data_dir, name):
     if name == "usiigaci_phc":  # large cells: a quarter keeps the reference quick
         labels = labels[:128, :128]
     assert_matches_reference(labels)
+
+
+def test_relabel_sequential_of_large_ids_without_background():
+    """Ids far above the image size take the np.unique path; with no background pixel the
+    smallest id becomes 1, not 0."""
+    labels = np.array([[100_000, 7], [7, 200_000]])
+    out, n = relabel_sequential(labels)
+    assert n == 3 and out.dtype == np.int32
+    np.testing.assert_array_equal(out, [[2, 1], [1, 3]])
+    out, n = relabel_sequential(np.array([[0, 100_000], [7, 0]]))
+    np.testing.assert_array_equal(out, [[0, 2], [1, 0]])
+    assert n == 2
+    with pytest.raises(ValueError, match="^labels must be non-negative$"):
+        relabel_sequential(np.array([[0, -1]]))

@@ -327,3 +327,29 @@ def test_reconstructed_ring_comes_back_filled():
     masks = flows_to_masks(masks_to_flows(labels), logit(labels))
     assert masks.max() == 1
     np.testing.assert_array_equal(masks > 0, disc(labels.shape, 25, 25, 18))
+
+
+def test_flow_errors_of_an_empty_image():
+    assert flow_errors(np.zeros((0, 5), np.int32), np.zeros((2, 0, 5), np.float32)).shape == (0,)
+
+
+def test_cell_probability_must_exceed_the_threshold():
+    """As Cellpose: pixels are followed where cellprob > threshold, so a map exactly at the
+    threshold gives no masks, and just above it gives the object."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[10:30, 10:30] = 1
+    flows = masks_to_flows(labels)
+    at = np.where(labels > 0, 0.0, -5.0).astype(np.float32)
+    assert flows_to_masks(flows, at, cellprob_threshold=0.0).max() == 0
+    masks = flows_to_masks(flows, at + 1e-3, cellprob_threshold=0.0)
+    assert masks.max() == 1 and (masks == 1).sum() == 400
+
+
+def test_remove_small_renumbers_even_when_nothing_is_removed():
+    from cellplug_flows.reconstruct import remove_small
+
+    labels = np.zeros((4, 4), np.int32)
+    labels[0, 0], labels[3, 3] = 2, 5
+    out = remove_small(labels, 1)
+    assert out[0, 0] == 1 and out[3, 3] == 2 and out.sum() == 3
+    assert remove_small(labels, 0) is labels
