@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+
+def load_data_module(relative: str):
+    """Import a helper script kept under tests/data (not a package), once per session."""
+    import importlib.util
+
+    name = "cellplug_tests_" + relative.replace("/", "_").removesuffix(".py")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DATA / relative)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# test modules (imported with --import-mode=importlib, so they cannot import conftest by name)
+# reach the helper above as ``from cellplug_testutils import load_data_module``
+sys.modules.setdefault("cellplug_testutils", sys.modules[__name__])
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ their own entry points here as they land.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from cellplug_testutils import load_data_module
 from click.testing import CliRunner
 
 from cellplug.cli import main
@@ -41,9 +41,7 @@ from cellplug.errors import CellplugError
 from cellplug.plugins import set_registry
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("make_corpus", HERE / "data/bad/make_corpus.py")
-corpus = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(corpus)
+corpus = load_data_module("bad/make_corpus.py")
 
 TIME_LIMIT = 60.0
 DOC = HERE.parent / "docs" / "robustness.md"

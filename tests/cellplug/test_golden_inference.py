@@ -16,33 +16,19 @@ no Cellpose needed.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cellplug_testutils import load_data_module
 
 from cellplug.inference import run_network
 from cellplug.plugins import get_registry
 from cellplug.segmenter import Segmenter
 from cellplug.transforms import prepare_image
 
-
-def _support():
-    name = "cellplug_golden_support"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "data" / "golden" / "golden_support.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gs = _support()
+gs = load_data_module("golden/golden_support.py")
 MANIFEST = gs.manifest()
 RAW_ATOL = 1e-3
 STYLE_ATOL = 1e-5

@@ -31,29 +31,14 @@ flows), whose flows, cell probability and style are compared instead.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from cellplug_testutils import load_data_module
 
 from cellplug.metrics import average_precision
 from cellplug.segmenter import Segmenter, SegmentOptions
 
-
-def _support():
-    name = "cellplug_golden_support"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "data" / "golden" / "golden_support.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gs = _support()
+gs = load_data_module("golden/golden_support.py")
 MANIFEST = gs.manifest()
 FIELD_ATOL = 1e-3
 STYLE_ATOL = 1e-5

@@ -20,29 +20,14 @@ No Cellpose needed; see ``tests/data/golden/README.md``.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from cellplug_flows import flows_to_masks, masks_to_flows
+from cellplug_testutils import load_data_module
 
 from cellplug.metrics import average_precision
 
-
-def _support():
-    name = "cellplug_golden_support"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "data" / "golden" / "golden_support.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gs = _support()
+gs = load_data_module("golden/golden_support.py")
 MANIFEST = gs.manifest()
 FLOW_ATOL = 1e-6
 

@@ -13,31 +13,18 @@ stored in float16, so ``1e-3 + 2^-11 |golden|``: the float16 rounding plus float
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cellplug_testutils import load_data_module
 from cellplug_unet.network import StyleUNet, build_style_unet, options_from_state_dict
 
 from cellplug.tiling import pad_image
 from cellplug.transforms import prepare_image
 
-
-def _support():
-    name = "cellplug_golden_support"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "data" / "golden" / "golden_support.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-gs = _support()
+gs = load_data_module("golden/golden_support.py")
 WEIGHTS = Path(__file__).resolve().parents[3] / "plugins/cellplug_zoo/weights/generalist.pth"
 RAW_ATOL = 1e-3
 STYLE_ATOL = 1e-5
