@@ -369,3 +369,12 @@ def test_segment_on_a_small_crop_uses_the_size_estimate_and_times_each_step(segm
     assert set(t) == {"prepare", "size", "network", "masks", "total"}
     assert all(0 <= v < 60 for v in t.values())
     assert t["prepare"] + t["size"] + t["network"] + t["masks"] <= t["total"] + 1e-6
+
+
+@pytest.mark.parametrize("diameter", [float("inf"), float("nan"), -3.0])
+def test_check_rescale_refuses_diameters_that_are_not_positive_numbers(diameter):
+    from cellplug.segmenter import check_rescale
+
+    with pytest.raises(CellplugError, match="invalid diameter .*: must be a positive number"):
+        check_rescale((64, 64), 17.0, diameter)
+    assert check_rescale((64, 64), 17.0, 34.0) == 0.5
