@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellplug.annotations import Annotation
+from cellplug.annotations import Annotation, read_each
 from cellplug.errors import CellplugError, InputError
 from cellplug.io import EXTRA_OUTPUT_SUFFIXES, IMAGE_SUFFIXES, read_image
 
@@ -235,17 +235,13 @@ class ImagejRois:
         if not pairs:
             raise InputError(location, "no image with a ROI set beside it (<stem>_RoiSet.zip, "
                                        "<stem>.zip or <stem>.roi)")
-        for img_path, roi_path in pairs:
-            try:
-                image = read_image(img_path)
-                labels = rois_to_labels(read_rois(roi_path), image.shape[:2], roi_path)
-                ann = Annotation(image, labels, img_path.stem, str(roi_path))
-            except CellplugError as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
-                continue
-            yield ann
+        def load(pair: tuple[Path, Path]) -> Annotation:
+            img_path, roi_path = pair
+            image = read_image(img_path)
+            labels = rois_to_labels(read_rois(roi_path), image.shape[:2], roi_path)
+            return Annotation(image, labels, img_path.stem, str(roi_path))
+
+        yield from read_each(pairs, load, on_error)
 
     def write(self, path: Path, image: np.ndarray, labels: np.ndarray) -> None:
         """Write ``labels`` as the ROI set of ``image`` to ``path`` (``<stem>_RoiSet.zip``)."""

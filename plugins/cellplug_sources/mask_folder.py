@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cellplug.annotations import Annotation
+from cellplug.annotations import Annotation, read_each
 from cellplug.errors import CellplugError, InputError
 from cellplug.io import EXTRA_OUTPUT_SUFFIXES, IMAGE_SUFFIXES, read_image, read_labels
 
@@ -94,14 +94,9 @@ class MaskFolder:
                 UserWarning,
                 stacklevel=2,
             )
-        for img_path, mask_path in pairs:
-            try:
-                ann = Annotation(
-                    read_image(img_path), read_labels(mask_path), img_path.stem, str(img_path)
-                )
-            except CellplugError as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
-                continue
-            yield ann
+        yield from read_each(
+            pairs,
+            lambda pair: Annotation(read_image(pair[0]), read_labels(pair[1]), pair[0].stem,
+                                    str(pair[0])),
+            on_error,
+        )

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cellplug.annotations import Annotation
+from cellplug.annotations import Annotation, read_each
 from cellplug.errors import CellplugError, InputError
 from cellplug.io import IMAGE_SUFFIXES, read_image
 from cellplug.safeload import load_pickled_npy
@@ -119,17 +119,12 @@ class CellposeSegNpy:
         files = self.files(location)
         if not files:
             raise InputError(location, f"no *{SUFFIX} files")
-        for seg in files:
-            try:
-                data = read_seg_npy(seg)
-                ann = Annotation(self._image(seg, data), np.asarray(data["masks"]),
-                                 seg.name[: -len(SUFFIX)], str(seg))
-            except CellplugError as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
-                continue
-            yield ann
+        def load(seg: Path) -> Annotation:
+            data = read_seg_npy(seg)
+            return Annotation(self._image(seg, data), np.asarray(data["masks"]),
+                              seg.name[: -len(SUFFIX)], str(seg))
+
+        yield from read_each(files, load, on_error)
 
     def write(self, path: Path, image: np.ndarray, labels: np.ndarray, **extra: Any) -> None:
         write_seg_npy(path, image, labels, **extra)

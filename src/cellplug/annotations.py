@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from .errors import CellplugError
 from .plugins import PluginRegistry, get_registry
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,6 +52,21 @@ class Annotation:
         if labels.size and labels.min() < 0:
             raise CellplugError(f"{where}: labels must be >= 0 (0 = background)")
         self.labels = labels
+
+
+def read_each(items: Iterable[T], load: Callable[[T], Annotation],
+              on_error: Callable[[CellplugError], None] | None = None) -> Iterator[Annotation]:
+    """``load(item)`` for each item, for a source's ``read``: with ``on_error``, an item whose
+    loading raises :class:`CellplugError` is passed to it and skipped; without, it raises."""
+    for item in items:
+        try:
+            ann = load(item)
+        except CellplugError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            continue
+        yield ann
 
 
 def find_source(location: str | os.PathLike[str], name: str | None = None,
