@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -256,20 +257,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
     On error the temporary file is removed and ``path`` is untouched, so a failed run
-    never leaves a half-written result behind.
+    never leaves a half-written result behind. (:func:`atomic_paths` for one file.)
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared files
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -277,9 +268,9 @@ def atomic_paths(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     """Like :func:`atomic_path` for several files that belong together: all or none.
 
     Yields one temporary path per target. When the block succeeds, every target is
-    replaced; if a replacement fails midway, the targets already replaced get their previous
-    contents back (or are removed if they did not exist). When the block fails, nothing is
-    touched. Either way no temporary file is left behind.
+    replaced, each by one atomic rename; if a replacement fails midway, the targets already
+    replaced get their previous contents back (or are removed if they did not exist). When
+    the block fails, nothing is touched. Either way no temporary file is left behind.
     """
     targets = [Path(p) for p in paths]
     if len(set(targets)) != len(targets):
@@ -296,12 +287,17 @@ def atomic_paths(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
             temps.append(Path(tmp))
         yield list(temps)
         mode = 0o666 & ~_umask()  # mkstemp makes 0600; results are shared files
-        for target, tmp in zip(targets, temps, strict=True):
+        for i, (target, tmp) in enumerate(zip(targets, temps, strict=True)):
             os.chmod(tmp, mode)
             backup = None
-            if target.is_file() or target.is_symlink():
+            # a second name for the previous contents (the target itself stays in place), for
+            # rolling back if a later replacement fails; the last one has nothing after it
+            if i < len(targets) - 1 and (target.is_file() or target.is_symlink()):
                 backup = target.with_name(f".{target.name}.{os.getpid()}.old")
-                os.replace(target, backup)
+                try:
+                    os.link(target, backup)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(target, backup)
             backups[target] = backup
             os.replace(tmp, target)
     except BaseException:

@@ -328,3 +328,15 @@ def test_list_images_errors(tmp_path):
     (tmp_path / "only_masks.tif").write_bytes(b"")
     with pytest.raises(InputError, match="directory contains no image files"):
         io.list_images([tmp_path])
+
+
+def test_atomic_paths_rolls_back_when_a_later_replacement_fails(tmp_path):
+    first, second = tmp_path / "a_masks.tif", tmp_path / "a_overlay.png"
+    first.write_bytes(b"old masks")
+    with pytest.raises(OSError), io.atomic_paths([first, second]) as (t1, t2):
+        t1.write_bytes(b"new masks")
+        t2.write_bytes(b"new overlay")
+        second.mkdir()  # appears while writing: the second rename fails after the first
+    assert first.read_bytes() == b"old masks"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_masks.tif", "a_overlay.png"]
+    assert second.is_dir() and not list(second.iterdir())
