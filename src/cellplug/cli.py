@@ -332,8 +332,8 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
     if not diameter >= 0 or diameter == float("inf"):
         raise click.BadParameter("must be a number >= 0", param_hint="--diameter")
     files, problems = io.collect_images(list(inputs))
-    plans = {path: _output_targets(path, out_dir, save) for path in files}
     writers = _source_writers(save)
+    plans = {path: _output_targets(path, out_dir, save, writers) for path in files}
     _check_unique_outputs(plans)
     opts = SegmentOptions(
         diameter=diameter, channels=_channels(channels), invert=invert,
@@ -389,14 +389,15 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
         raise SystemExit(1)
 
 
-def _output_targets(path: Path, out_dir: Path | None,
-                    save: tuple[str, ...]) -> list[tuple[str, Path]]:
-    """(kind, path) of each output of ``path``: the masks first, then each --save kind."""
+def _output_targets(path: Path, out_dir: Path | None, save: tuple[str, ...],
+                    writers: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(kind, path) of each output of ``path``: the masks first, then each --save kind
+    (``writers``: from :func:`_source_writers`, for the kinds a source writes)."""
     folder = out_dir or path.parent
     out = [("masks", folder / f"{path.stem}{SUFFIXES['masks']}")]
     for kind in SAVE_CHOICES:
         if kind in save:
-            suffix = SUFFIXES.get(kind) or _source_writers((kind,))[kind].output_suffix
+            suffix = SUFFIXES.get(kind) or writers[kind].output_suffix
             out.append((kind, folder / f"{path.stem}{suffix}"))
     return out
 
