@@ -74,3 +74,24 @@ def random_cellpose_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cellpose") / "cellpose_random"
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def golden_segmenters(tmp_path_factory):
+    """The golden fixtures' two models (tests/data/golden): the bundled generalist, by path so
+    a renamed default cannot change what is compared, and the seeded random CPnet saved as a
+    bare Cellpose file."""
+    import torch
+
+    from cellplug.plugins import get_registry
+    from cellplug.segmenter import Segmenter
+
+    gs = load_data_module("golden/golden_support.py")
+    weights = gs.REPO / gs.manifest()["models"]["generalist"]["weights"]
+    template = get_registry().get("backbone", "cellpose-unet")().state_dict()
+    random_path = tmp_path_factory.mktemp("golden_models") / "random_cpnet"
+    torch.save(gs.random_model_torch_state(template), random_path)
+    return {
+        "generalist": Segmenter.from_model(str(weights)),
+        "random": Segmenter.from_model(str(random_path)),
+    }

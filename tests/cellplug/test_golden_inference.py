@@ -20,12 +20,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from cellplug_testutils import load_data_module
 
 from cellplug.inference import run_network
-from cellplug.plugins import get_registry
-from cellplug.segmenter import Segmenter
 from cellplug.transforms import prepare_image
 
 gs = load_data_module("golden/golden_support.py")
@@ -33,19 +30,6 @@ MANIFEST = gs.manifest()
 RAW_ATOL = 1e-3
 STYLE_ATOL = 1e-5
 
-
-@pytest.fixture(scope="module")
-def segmenters(tmp_path_factory) -> dict[str, Segmenter]:
-    """The fixtures' two models: the bundled generalist (by path, so a renamed default
-    model cannot change what is compared) and the random CPnet as a bare Cellpose file."""
-    weights = gs.REPO / MANIFEST["models"]["generalist"]["weights"]
-    template = get_registry().get("backbone", "cellpose-unet")().state_dict()
-    random_path = tmp_path_factory.mktemp("golden_models") / "random_cpnet"  # as Cellpose's
-    torch.save(gs.random_model_torch_state(template), random_path)
-    return {
-        "generalist": Segmenter.from_model(str(weights)),
-        "random": Segmenter.from_model(str(random_path)),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +61,9 @@ NET_CASES = MANIFEST["cases"]["network"]
 
 
 @pytest.mark.parametrize("case", NET_CASES, ids=[c["key"] for c in NET_CASES])
-def test_run_network_matches_cellpose(segmenters, golden, case):
+def test_run_network_matches_cellpose(golden_segmenters, golden, case):
     key = case["key"]
-    seg = segmenters[case["model"]]
+    seg = golden_segmenters[case["model"]]
     tiled = case["mode"] == "tiled"
     out = run_network(seg.net, prepare_image(gs.image(case["image"])), tile=tiled,
                       precision="fp32")

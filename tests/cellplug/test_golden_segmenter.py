@@ -36,7 +36,7 @@ import pytest
 from cellplug_testutils import load_data_module
 
 from cellplug.metrics import average_precision
-from cellplug.segmenter import Segmenter, SegmentOptions
+from cellplug.segmenter import SegmentOptions
 
 gs = load_data_module("golden/golden_support.py")
 MANIFEST = gs.manifest()
@@ -51,21 +51,6 @@ RANDOM_MASKS_NOT_COMPARED = {"random/usiigaci_phc/d40"}
 SEGMENT_CASES = [c for c in MANIFEST["cases"]["segment"] if not c.get("size_model")]
 SIZE_CASES = [c for c in MANIFEST["cases"]["segment"] if c.get("size_model")]
 
-
-@pytest.fixture(scope="module")
-def segmenters(tmp_path_factory) -> dict[str, Segmenter]:
-    import torch
-
-    from cellplug.plugins import get_registry
-
-    weights = gs.REPO / MANIFEST["models"]["generalist"]["weights"]
-    template = get_registry().get("backbone", "cellpose-unet")().state_dict()
-    random_path = tmp_path_factory.mktemp("golden_models") / "random_cpnet"  # bare Cellpose
-    torch.save(gs.random_model_torch_state(template), random_path)
-    return {
-        "generalist": Segmenter.from_model(str(weights)),
-        "random": Segmenter.from_model(str(random_path)),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -85,21 +70,21 @@ def assert_same_masks(ours: np.ndarray, want: np.ndarray, what: str) -> None:
                              f"AP@0.5 {ap:.4f})")
 
 
-def test_models_read_like_cellpose(segmenters):
+def test_models_read_like_cellpose(golden_segmenters):
     """A bare Cellpose file's diameters come from its state dict, the generalist's from JSON."""
     rnd = MANIFEST["models"]["random"]
     gen = MANIFEST["models"]["generalist"]
-    assert segmenters["random"].model.diam_mean == rnd["diam_mean"]
-    assert segmenters["random"].model.diam_labels == rnd["diam_labels"]
-    assert segmenters["random"].model.size_model is None
-    assert segmenters["generalist"].model.diam_mean == gen["diam_mean"]
-    assert segmenters["generalist"].model.diam_labels == pytest.approx(gen["diam_labels"])
+    assert golden_segmenters["random"].model.diam_mean == rnd["diam_mean"]
+    assert golden_segmenters["random"].model.diam_labels == rnd["diam_labels"]
+    assert golden_segmenters["random"].model.size_model is None
+    assert golden_segmenters["generalist"].model.diam_mean == gen["diam_mean"]
+    assert golden_segmenters["generalist"].model.diam_labels == pytest.approx(gen["diam_labels"])
 
 
 @pytest.mark.parametrize("case", SEGMENT_CASES, ids=[c["key"] for c in SEGMENT_CASES])
-def test_segment_matches_cellpose(segmenters, golden, case):
+def test_segment_matches_cellpose(golden_segmenters, golden, case):
     key = case["key"]
-    seg = segmenters[case["model"]]
+    seg = golden_segmenters[case["model"]]
     opts = options(diameter=case["diameter"], channels=tuple(case["channels"]),
                    augment=case["augment"], flow_threshold=case["flow_threshold"])
     r = seg.segment(gs.image(case["image"]), opts)
@@ -124,9 +109,9 @@ def test_segment_matches_cellpose(segmenters, golden, case):
     [c for c in SIZE_CASES if c["image"] not in STYLE_ONLY],
     ids=[c["key"] for c in SIZE_CASES if c["image"] not in STYLE_ONLY],
 )
-def test_size_model_and_masks_match_cellpose(segmenters, golden, case):
+def test_size_model_and_masks_match_cellpose(golden_segmenters, golden, case):
     key = case["key"]
-    r = segmenters["generalist"].segment(gs.image(case["image"]), options(diameter=0))
+    r = golden_segmenters["generalist"].segment(gs.image(case["image"]), options(diameter=0))
     want = float(golden[f"{key}/diameter"])
     assert r.diameter == pytest.approx(want, rel=DIAMETER_RTOL), (
         f"{key}: estimated diameter {r.diameter:.4f}, Cellpose {want:.4f} "
@@ -140,10 +125,10 @@ def test_size_model_and_masks_match_cellpose(segmenters, golden, case):
     [c for c in SIZE_CASES if c["image"] in STYLE_ONLY],
     ids=[c["key"] for c in SIZE_CASES if c["image"] in STYLE_ONLY],
 )
-def test_size_model_first_guess_matches_cellpose(segmenters, golden, case):
+def test_size_model_first_guess_matches_cellpose(golden_segmenters, golden, case):
     """The size model's first step: the style at the training diameter -> a diameter."""
     key = case["key"]
-    seg = segmenters["generalist"]
+    seg = golden_segmenters["generalist"]
     # diameter = diam_labels runs the network at diam_mean / diam_labels, as the size model
     r = seg.segment(gs.image(case["image"]), options(diameter=seg.model.diam_labels))
     gs.assert_close(r.style, golden[f"{key}/style_size"], STYLE_ATOL, f"{key} style")
