@@ -24,6 +24,22 @@ def load_data_module(relative: str):
     return sys.modules[name]
 
 
+# label ids where dtypes and lookup tables change (property tests)
+EDGE_IDS = [1, 2, 255, 256, 65535, 65536, 70000, 2**31 - 1, 2**32 - 1, 2**40]
+
+
+def ids_for(dtype):
+    """hypothesis strategy: label ids that fit ``dtype``, small, at the edges, or anywhere."""
+    from hypothesis import strategies as st
+
+    top = int(np.iinfo(dtype).max)
+    return st.one_of(
+        st.integers(1, min(top, 20)),
+        st.sampled_from([i for i in EDGE_IDS if i <= top]),
+        st.integers(1, top),
+    )
+
+
 # test modules (imported with --import-mode=importlib, so they cannot import conftest by name)
 # reach the helper above as ``from cellplug_testutils import load_data_module``
 sys.modules.setdefault("cellplug_testutils", sys.modules[__name__])

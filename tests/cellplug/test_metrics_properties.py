@@ -12,6 +12,7 @@ Examples are derandomized (the same ones on every run) so CI is deterministic.
 from __future__ import annotations
 
 import numpy as np
+from cellplug_testutils import ids_for
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -21,20 +22,11 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 from cellplug.metrics import DEFAULT_THRESHOLDS, average_precision, iou_matrix, match_counts
 
 DTYPES = [np.uint8, np.uint16, np.uint32, np.int32, np.int64]
-EDGE_IDS = [1, 2, 255, 256, 65535, 65536, 70000, 2**31 - 1, 2**32 - 1, 2**40]
 # below 0.5 a true object may overlap several predictions enough to match: the matching
 # is then not unique, which the monotonicity and symmetry properties also exercise
 THRESHOLDS = [0.0, 0.1, 0.25, 0.4, *DEFAULT_THRESHOLDS, 1.0]
 FAST = settings(max_examples=100, deadline=None, derandomize=True)
 
-
-def ids_for(dtype) -> st.SearchStrategy[int]:
-    top = int(np.iinfo(dtype).max)
-    return st.one_of(
-        st.integers(1, min(top, 20)),
-        st.sampled_from([i for i in EDGE_IDS if i <= top]),
-        st.integers(1, top),
-    )
 
 
 @st.composite

@@ -24,6 +24,7 @@ from cellplug_flows import (
 )
 from cellplug_flows.heat import relabel_sequential
 from cellplug_flows.reconstruct import renumber
+from cellplug_testutils import ids_for
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -32,20 +33,11 @@ from cellplug.metrics import iou_matrix
 
 DTYPES = [np.uint8, np.uint16, np.uint32, np.int32, np.int64]
 # ids at the edges of the dtypes and of relabel_sequential's lookup-table path (<= 2**16)
-EDGE_IDS = [1, 2, 255, 256, 65535, 65536, 70000, 2**31 - 1, 2**32 - 1, 2**40]
 
 
 def logit(labels: np.ndarray) -> np.ndarray:
     return np.where(labels > 0, 5.0, -5.0).astype(np.float32)
 
-
-def ids_for(dtype) -> st.SearchStrategy[int]:
-    top = int(np.iinfo(dtype).max)
-    return st.one_of(
-        st.integers(1, min(top, 20)),
-        st.sampled_from([i for i in EDGE_IDS if i <= top]),
-        st.integers(1, top),
-    )
 
 
 @st.composite
