@@ -276,7 +276,10 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: beside each input).")
 @click.option("--model", "model_ref", default=None,
-              help="Model name or path (default: generalist).")
+              help="Model name or path (default: generalist); 'auto': the zoo model each "
+                   "image's style selects.")
+@click.option("--selector", default=None,
+              help="Style selector plugin for --model auto (default: nearest-centroid).")
 @click.option("--diameter", type=float, default=0.0, show_default=True,
               help="Object diameter in pixels; 0 estimates it with the model's size model.")
 @click.option("--channels", nargs=2, type=int, default=(0, 0), show_default=True,
@@ -313,7 +316,8 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
               help="skip: report a bad image and go on with the others; stop: stop at the first.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None,
-            diameter: float, channels: tuple[int, int], invert: bool, flow_threshold: float,
+            selector: str | None, diameter: float, channels: tuple[int, int], invert: bool,
+            flow_threshold: float,
             cellprob_threshold: float, min_size: int, niter: int | None, tile: str,
             precision: str, augment: bool, batch_size: int, save: tuple[str, ...], as_json: bool,
             threads: int | None, axes: str | None, on_error: str, quiet: bool) -> None:
@@ -327,7 +331,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
     from tqdm import tqdm
 
     from . import io
-    from .segmenter import Segmenter, SegmentOptions
+    from .segmenter import SegmentOptions
 
     if not diameter >= 0 or diameter == float("inf"):
         raise click.BadParameter("must be a number >= 0", param_hint="--diameter")
@@ -348,13 +352,13 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
         if on_error == "stop":
             raise SystemExit(1)
     failed = len(problems)
-    segmenter = Segmenter.from_model(model_ref, threads=threads) if files else None
+    segmenter = _segmenter(model_ref, selector, threads) if files else None
     for path in tqdm(files, desc="segmenting", unit="image", disable=quiet or len(files) < 2):
         assert segmenter is not None
         try:
             image = io.read_image(path, axes=axes)
             t0 = time.perf_counter()
-            result = segmenter.segment(image, opts)
+            result, choice = _segment_one(segmenter, image, opts)
             seconds = time.perf_counter() - t0
             written = _write_outputs(plans[path], image, result, writers, path, opts)
         except CellplugError as exc:
@@ -369,12 +373,14 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             continue
         summary.append({"image": str(path), "masks": str(written[0]), "objects": result.n_objects,
                         "diameter": round(result.diameter, 2), "seconds": round(seconds, 3),
+                        **({"choice": choice.to_dict()} if choice else {}),
                         "outputs": [str(w) for w in written]})
         if not quiet and not as_json:
+            chosen = f"; model {choice.model}: {choice.reason}" if choice else ""
             _report(f"{path}: {result.n_objects} objects "
-                    f"(diameter {result.diameter:.1f} px) -> {written[0]}", err=False)
+                    f"(diameter {result.diameter:.1f} px{chosen}) -> {written[0]}", err=False)
     if as_json:
-        doc = {"model": segmenter.model.name if segmenter else None, "images": summary,
+        doc = {"model": _model_label(segmenter, model_ref), "images": summary,
                "failed": failed}
         click.echo(json.dumps(doc, indent=2))
         done = [Path(e["masks"]) for e in summary if "masks" in e]
@@ -387,6 +393,36 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
                                     f"images' outputs were written") from None
     if failed:
         raise SystemExit(1)
+
+
+def _segmenter(model_ref: str | None, selector: str | None, threads: int | None) -> Any:
+    """A :class:`~cellplug.segmenter.Segmenter`, or for ``auto`` an
+    :class:`~cellplug.selection.AutoSegmenter` over the default model's zoo."""
+    from .segmenter import Segmenter
+    from .selection import AUTO, AutoSegmenter
+
+    if model_ref == AUTO:
+        return AutoSegmenter.from_zoo(selector=selector, threads=threads)
+    if selector is not None:
+        raise click.UsageError("--selector chooses among zoo models: use it with --model auto")
+    return Segmenter.from_model(model_ref, threads=threads)
+
+
+def _segment_one(segmenter: Any, image: Any, opts: Any, **overrides: Any) -> tuple[Any, Any]:
+    """(segmentation, choice): the choice of ``--model auto`` (None for one model)."""
+    from .selection import AutoSegmenter
+
+    if isinstance(segmenter, AutoSegmenter):
+        return segmenter.segment(image, opts, **overrides)
+    return segmenter.segment(image, opts, **overrides), None
+
+
+def _model_label(segmenter: Any, model_ref: str | None) -> str | None:
+    from .selection import AUTO
+
+    if segmenter is None:
+        return None
+    return f"auto (zoo of {segmenter.model.name})" if model_ref == AUTO else segmenter.model.name
 
 
 def _output_targets(path: Path, out_dir: Path | None, save: tuple[str, ...],
@@ -669,6 +705,93 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
                    f"{f'; {len(skipped)} bad pair(s) skipped' if skipped else ''})")
 
 
+# -- zoo ---------------------------------------------------------------------------------
+@main.group()
+def zoo() -> None:
+    """Build a zoo of style models for --model auto."""
+
+
+@zoo.command("build")
+@click.argument("sources", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the models, styles, clusters and report (resumes what is there).")
+@click.option("--reference", default=None,
+              help="Model whose styles are clustered and that each style model is fine-tuned "
+                   "from (default: generalist).")
+@click.option("--val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Stems to leave out (your validation images), one per line.")
+@click.option("--k", "k", type=int, default=None,
+              help="Number of clusters (default: by mean silhouette from 2 to --k-max).")
+@click.option("--k-max", type=int, default=6, show_default=True)
+@click.option("--min-cluster", type=int, default=10, show_default=True,
+              help="Smallest cluster (images) a K may give to be chosen.")
+@click.option("--prefix", default="style", show_default=True,
+              help="Model names: PREFIX-1 ... PREFIX-K, largest cluster first.")
+@click.option("--group-by", "group_column", default=None, metavar="COLUMN",
+              help="Describe the clusters by this column of each source's metadata.csv "
+                   "(e.g. modality); it does not change the clustering.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--images-per-epoch", type=int, default=200, show_default=True)
+@click.option("--learning-rate", type=float, default=0.001, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
+@click.option("--patch", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True, help="Training arithmetic (auto: bf16 where native).")
+@click.option("--threads", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--add", "add_to_zoo", is_flag=True,
+              help="Also add the models to your model folder, so --model auto uses them.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def zoo_build(sources: tuple[Path, ...], out_dir: Path, reference: str | None,
+              val_list: Path | None, k: int | None, k_max: int, min_cluster: int, prefix: str,
+              group_column: str | None, epochs: int, images_per_epoch: int,
+              learning_rate: float, weight_decay: float, patch: int, batch_size: int,
+              precision: str, threads: int | None, seed: int, add_to_zoo: bool,
+              quiet: bool) -> None:
+    """Cluster the training images of SOURCES by the reference model's style and fine-tune
+    one model per cluster from it (see cellplug.zoo_build)."""
+    from .annotations import read_annotations
+    from .hitl import recipe_config
+    from .inference import resolve_precision
+    from .models import resolve_model
+    from .plugins import get_registry
+    from .zoo import add_model
+    from .zoo_build import build_zoo
+
+    if k is not None and k < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--k")
+    registry = get_registry()
+    ref = resolve_model(reference, registry)
+    held_out = set(val_list.read_text().split()) if val_list else set()
+    anns, groups = [], {}
+    for src in sources:
+        found = [a for a in read_annotations(src, None, registry) if a.stem not in held_out]
+        click.echo(f"{src}: {len(found)} images", err=True)
+        anns += found
+        groups.update(_sampling_groups(src, group_column) if group_column else {})
+    config = recipe_config(
+        "scratch", epochs=epochs, images_per_epoch=images_per_epoch,
+        learning_rate=learning_rate, weight_decay=weight_decay, warmup_epochs=min(2, epochs),
+        patch=patch, batch_size=batch_size, seed=seed, threads=threads,
+        bf16=resolve_precision(precision) == "bf16", size_model="keep",
+    )
+    result = build_zoo(
+        anns, out_dir, ref, config, prefix=prefix, k=k, k_range=range(2, k_max + 1),
+        min_cluster=min_cluster, groups=groups or None, registry=registry,
+        progress=not quiet, log_fn=lambda m: click.echo(m, err=True),
+        command=shlex.join(click.get_current_context().meta.get("cellplug.argv", sys.argv)),
+    )
+    for path in result.models:
+        if add_to_zoo:
+            info = add_model(path, path.stem, registry)
+            click.echo(f"{path} -> your model folder as {info.name!r}")
+        else:
+            click.echo(str(path))
+    click.echo(f"report: {result.report}", err=True)
+
+
 # -- eval --------------------------------------------------------------------------------
 def _eval_inputs(inputs: tuple[Path, ...], suffix: str) -> list[tuple[str, Path, bool]]:
     """(stem, path, is_prediction) for every input; a folder holding only ``*<suffix>``
@@ -716,7 +839,10 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of ground-truth label images <stem>_masks.tif.")
 @click.option("--model", "model_ref", default=None,
-              help="Model for inputs that are images (default: generalist).")
+              help="Model for inputs that are images (default: generalist); 'auto': the zoo "
+                   "model each image's style selects (reported per image and per group).")
+@click.option("--selector", default=None,
+              help="Style selector plugin for --model auto (default: nearest-centroid).")
 @click.option("--diameter", type=float, default=0.0, show_default=True,
               help="Diameter for images to segment; 0 = size model.")
 @click.option("--true-diameter", is_flag=True,
@@ -736,7 +862,8 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
 @click.option("--axes", default=None, metavar="AXES",
               help="Dimension order of the stored images, as for segment.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diameter: float,
+def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None,
+             selector: str | None, diameter: float,
              true_diameter: bool, channels: tuple[int, int], precision: str,
              stems_file: Path | None,
              group_by: str | None, mask_suffix: str, out_path: Path | None, threads: int | None,
@@ -763,9 +890,9 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
         raise CellplugError(f"--group-by: {exc}") from None
     segmenter = None
     if not all(is_pred for _, _, is_pred in items):
-        from .segmenter import Segmenter, SegmentOptions, median_diameter
+        from .segmenter import SegmentOptions, median_diameter
 
-        segmenter = Segmenter.from_model(model_ref, threads=threads)
+        segmenter = _segmenter(model_ref, selector, threads)
         opts = SegmentOptions(diameter=diameter, channels=_channels(channels),
                               precision=precision)
     from .metrics import DEFAULT_THRESHOLDS
@@ -780,6 +907,7 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
             report.fail(stem, msg)
             failed += 1
             continue
+        extra: dict[str, Any] = {}
         try:
             gt = io.read_labels(truth)
             if is_pred:
@@ -791,9 +919,12 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
                     d = median_diameter(gt)
                     if not d > 0:
                         raise CellplugError(f"{truth}: no objects, so no true diameter")
-                    pred = segmenter.segment(image, opts, diameter=d).labels
+                    result, choice = _segment_one(segmenter, image, opts, diameter=d)
                 else:
-                    pred = segmenter.segment(image, opts).labels
+                    result, choice = _segment_one(segmenter, image, opts)
+                pred = result.labels
+                if choice is not None:
+                    extra = {"model": choice.model, "similarity": choice.similarity}
             if pred.shape != gt.shape:
                 raise CellplugError(
                     f"{path}: shape {pred.shape} differs from ground truth {gt.shape}"
@@ -806,7 +937,7 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
             report.fail(stem, msg)
             failed += 1
             continue
-        report.add(stem, gt, pred, groups.get(stem, ""))
+        report.add(stem, gt, pred, groups.get(stem, ""), **extra)
     if not report.rows:
         raise CellplugError("no image could be evaluated")
     doc = report.to_dict()
@@ -818,6 +949,8 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
         click.echo(f"{name:<24} {v['n_images']:>6} {m['0.50']:>8.3f} {m['0.75']:>8.3f} "
                    f"{m['0.90']:>8.3f} {v['precision@0.50']:>6.3f} {v['recall@0.50']:>6.3f} "
                    f"{v['f1@0.50']:>6.3f}")
+    if "by_model" in doc:  # --model auto: which model segmented which group
+        _print_by_model(doc["by_model"])
     if out_path is not None:
         try:
             if out_path.suffix.lower() == ".csv":
@@ -829,6 +962,18 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None, diam
         click.echo(f"report: {out_path}", err=True)
     if failed:
         raise SystemExit(1)
+
+
+def _print_by_model(by_model: dict[str, dict[str, Any]]) -> None:
+    """The eval report's chosen model x group table: images and AP@0.50 in each cell."""
+    click.echo("\nchosen model x group (images, mean AP@0.50):")
+    groups = sorted({g for cells in by_model.values() for g in cells})
+    click.echo(f"{'model':<24}" + "".join(f" {g[:18]:>18}" for g in groups))
+    for model, cells in by_model.items():
+        row = "".join(
+            f" {cells[g]['n_images']:>7} {cells[g]['mean_ap@0.50']:>10.3f}" if g in cells
+            else f" {'':>18}" for g in groups)
+        click.echo(f"{model:<24}{row}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,14 +83,33 @@ class EvalReport:
     def groups(self) -> list[str]:
         return sorted({r["group"] for r in self.rows if r["group"]})
 
+    def by_column(self, column: str = "model") -> dict[str, dict[str, dict[str, Any]]]:
+        """{value of ``column``: {group ("all" and each group): images and mean AP@0.50}},
+        e.g. which model ``--model auto`` chose for which image type, and how it did."""
+        t0 = f"ap@{self.thresholds[0]:.2f}"
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for value in sorted({str(r[column]) for r in self.rows if column in r}):
+            rows = [r for r in self.rows if str(r.get(column)) == value]
+            cells = {}
+            for g in ["all", *self.groups]:
+                sel = [r for r in rows if g == "all" or r["group"] == g]
+                if sel:
+                    cells[g] = {"n_images": len(sel),
+                                f"mean_{t0}": round(float(np.mean([r[t0] for r in sel])), 4)}
+            out[value] = cells
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "thresholds": list(self.thresholds),
             "overall": self.summary() if self.rows else {},
             "groups": {g: self.summary(g) for g in self.groups},
             "images": self.rows,
             "failed": self.failures,
         }
+        if any("model" in r for r in self.rows):
+            doc["by_model"] = self.by_column("model")
+        return doc
 
     def write_csv(self, path: str | os.PathLike[str]) -> Path:
         """Per-image rows, then one row per group and one ``overall`` row (mean per-image),
