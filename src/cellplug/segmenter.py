@@ -146,18 +146,7 @@ class Segmenter:
     ) -> Segmenter:
         """Build from a model name or path (``None``: the default model)."""
         registry = registry or get_registry()
-        return cls.from_info(resolve_model(ref, registry), registry, reconstructor, threads)
-
-    @classmethod
-    def from_info(
-        cls,
-        info: ModelInfo,
-        registry: PluginRegistry | None = None,
-        reconstructor: str | None = None,
-        threads: int | None = None,
-    ) -> Segmenter:
-        """Build from a resolved :class:`ModelInfo`."""
-        registry = registry or get_registry()
+        info = resolve_model(ref, registry)
         net = build_network(info, registry)
         decoder = registry.get("decoder", info.decoder)
         recon = registry.get("reconstructor", reconstructor or info.reconstructor)
@@ -278,35 +267,13 @@ class Segmenter:
         prepared = self.prepare(image, opts)
         return self._estimate_diameter(prepared, opts)
 
-    def default_scale_style(self, prepared: np.ndarray, opts: SegmentOptions) -> np.ndarray:
-        """Style float32 (S,) of ``prepared`` (float32 (C, Y, X)) at the model's default scale
-        (``diam_mean / diam_labels``): the first pass of the size model, and the style that
-        ``--model auto`` compares with the zoo's centroids."""
-        _, style, _ = self.network(
-            prepared, self.model.diam_mean / self.model.diam_labels, opts, resample=False
-        )
-        return style
-
-    def size_and_style(
-        self, prepared: np.ndarray, opts: SegmentOptions
-    ) -> tuple[float, np.ndarray]:
-        """(diameter, default-scale style) of ``prepared``, with the style pass run once.
-
-        The diameter is the size model's estimate, or ``diam_labels`` without a size model.
-        """
-        style = self.default_scale_style(prepared, opts)
-        if self.model.size_model is None:
-            return self.model.diam_labels, style
-        return self._estimate_diameter(prepared, opts, style), style
-
-    def _estimate_diameter(
-        self, prepared: np.ndarray, opts: SegmentOptions, style: np.ndarray | None = None
-    ) -> float:
+    def _estimate_diameter(self, prepared: np.ndarray, opts: SegmentOptions) -> float:
         size_model = self.model.size_model
         assert size_model is not None
         dm = size_model.diam_mean  # Cellpose rescales to the size model's diam_mean here
-        if style is None:
-            style = self.default_scale_style(prepared, opts)
+        _, style, _ = self.network(
+            prepared, self.model.diam_mean / self.model.diam_labels, opts, resample=False
+        )
         guess = size_model.predict(style)
         rescale = dm / guess
         raw, _, _ = self.network(prepared, rescale, opts, resample=False)
@@ -327,10 +294,16 @@ class Segmenter:
         Options come from ``options`` (a :class:`SegmentOptions`) updated with keyword
         ``overrides``. Returns a :class:`Segmentation` at the size of ``image``.
         """
-        opts = merge_options(options, overrides)
+        opts = options or SegmentOptions()
+        if overrides:
+            unknown = set(overrides) - set(SegmentOptions.__dataclass_fields__)
+            if unknown:
+                raise TypeError(f"unknown segmentation option(s): {', '.join(sorted(unknown))}")
+            opts = SegmentOptions(**{**opts.__dict__, **overrides})
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         prepared = self.prepare(image, opts)
-        timings = {"prepare": time.perf_counter() - t0}
+        timings["prepare"] = time.perf_counter() - t0
         diameter = opts.diameter
         if diameter is None or diameter <= 0:
             ts = time.perf_counter()
@@ -339,24 +312,6 @@ class Segmenter:
             else:
                 diameter = self.model.diam_labels
             timings["size"] = time.perf_counter() - ts
-        return self.segment_prepared(prepared, opts, float(diameter), timings, t0)
-
-    def segment_prepared(
-        self,
-        prepared: np.ndarray,
-        opts: SegmentOptions,
-        diameter: float,
-        timings: dict[str, float] | None = None,
-        t0: float | None = None,
-    ) -> Segmentation:
-        """Segment ``prepared`` (float32 (C, Y, X), from :meth:`prepare`) at a known
-        ``diameter`` (pixels): the network pass at that scale and the masks.
-
-        ``timings`` (steps already done) and ``t0`` (when they started) make the returned
-        ``timings["total"]`` cover them too.
-        """
-        timings = dict(timings or {})
-        t0 = time.perf_counter() if t0 is None else t0
         rescale = check_rescale(prepared.shape[1:], self.model.diam_mean, float(diameter))
         t1 = time.perf_counter()
         raw, style, n_tiles = self.network(prepared, rescale, opts, resample=opts.resample)
@@ -368,18 +323,6 @@ class Segmenter:
         timings["masks"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Segmentation(labels, flows, cellprob, style, float(diameter), timings, n_tiles)
-
-
-def merge_options(options: SegmentOptions | None, overrides: dict[str, Any]) -> SegmentOptions:
-    """``options`` (default: :class:`SegmentOptions`) with keyword ``overrides`` applied;
-    a TypeError names unknown ones."""
-    opts = options or SegmentOptions()
-    if overrides:
-        unknown = set(overrides) - set(SegmentOptions.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown segmentation option(s): {', '.join(sorted(unknown))}")
-        opts = SegmentOptions(**{**opts.__dict__, **overrides})
-    return opts
 
 
 MAX_UPSCALE = 10.0

@@ -378,3 +378,31 @@ def test_check_rescale_refuses_diameters_that_are_not_positive_numbers(diameter)
     with pytest.raises(CellplugError, match="invalid diameter .*: must be a positive number"):
         check_rescale((64, 64), 17.0, diameter)
     assert check_rescale((64, 64), 17.0, 34.0) == 0.5
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_remask_reruns_only_the_reconstruction_and_matches_segment(segmenter, fluo, monkeypatch,
+                                                                   resample):
+    """Other thresholds on the stored network output give segment()'s labels, without the
+    network (as the GUIs re-run the masks when a threshold changes)."""
+    first = segmenter.segment(fluo, diameter=20.0, precision="fp32", resample=resample)
+    assert first.resampled is resample
+    other = {"cellprob_threshold": -1.0, "flow_threshold": 0.8, "min_size": 5}
+    expected = segmenter.segment(fluo, diameter=20.0, precision="fp32", resample=resample,
+                                 **other)
+    assert expected.n_objects and first.n_objects  # not all empty, and
+    assert (expected.labels > 0).sum() > (first.labels > 0).sum()  # the thresholds matter
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("remask ran the network")
+
+    monkeypatch.setattr(segmenter, "network", no_network)
+    again = segmenter.remask(first, **other)
+    np.testing.assert_array_equal(again.labels, expected.labels)
+    assert again.flows is first.flows and again.cellprob is first.cellprob
+    assert again.diameter == first.diameter and again.resampled is resample
+    assert set(again.timings) == {"masks", "total"}
+    same = segmenter.remask(again, SegmentOptions(precision="fp32"))  # the defaults back
+    np.testing.assert_array_equal(same.labels, first.labels)
+    with pytest.raises(TypeError, match="unknown segmentation option"):
+        segmenter.remask(first, threshold=2)
