@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -72,7 +72,10 @@ class Segmentation:
     labels: uint32 (Y, X), 0 = background, objects 1..N; flows: float32 (2, Y, X) unit
     scale (Y then X); cellprob: float32 (Y, X) logit; style: float32 (S,) L2-normalised;
     diameter: the diameter used (pixels); timings: seconds per step ("prepare", "size",
-    "network", "masks", "total"); n_tiles: network passes of the final run (1 = whole image).
+    "network", "masks", "total"); n_tiles: network passes of the final run (1 = whole image);
+    resampled: whether flows and cellprob are at the image's size (``resample=True``) or at
+    the network's rescaled size. Flows and cellprob are the network output that
+    :meth:`Segmenter.remask` turns into labels again with other thresholds.
     """
 
     labels: np.ndarray
@@ -82,6 +85,7 @@ class Segmentation:
     diameter: float
     timings: dict[str, float] = field(default_factory=dict)
     n_tiles: int = 0
+    resampled: bool = True
 
     @property
     def n_objects(self) -> int:
@@ -146,7 +150,18 @@ class Segmenter:
     ) -> Segmenter:
         """Build from a model name or path (``None``: the default model)."""
         registry = registry or get_registry()
-        info = resolve_model(ref, registry)
+        return cls.from_info(resolve_model(ref, registry), registry, reconstructor, threads)
+
+    @classmethod
+    def from_info(
+        cls,
+        info: ModelInfo,
+        registry: PluginRegistry | None = None,
+        reconstructor: str | None = None,
+        threads: int | None = None,
+    ) -> Segmenter:
+        """Build from a resolved :class:`ModelInfo`."""
+        registry = registry or get_registry()
         net = build_network(info, registry)
         decoder = registry.get("decoder", info.decoder)
         recon = registry.get("reconstructor", reconstructor or info.reconstructor)
@@ -267,13 +282,35 @@ class Segmenter:
         prepared = self.prepare(image, opts)
         return self._estimate_diameter(prepared, opts)
 
-    def _estimate_diameter(self, prepared: np.ndarray, opts: SegmentOptions) -> float:
-        size_model = self.model.size_model
-        assert size_model is not None
-        dm = size_model.diam_mean  # Cellpose rescales to the size model's diam_mean here
+    def default_scale_style(self, prepared: np.ndarray, opts: SegmentOptions) -> np.ndarray:
+        """Style float32 (S,) of ``prepared`` (float32 (C, Y, X)) at the model's default scale
+        (``diam_mean / diam_labels``): the first pass of the size model, and the style that
+        ``--model auto`` compares with the zoo's centroids."""
         _, style, _ = self.network(
             prepared, self.model.diam_mean / self.model.diam_labels, opts, resample=False
         )
+        return style
+
+    def size_and_style(
+        self, prepared: np.ndarray, opts: SegmentOptions
+    ) -> tuple[float, np.ndarray]:
+        """(diameter, default-scale style) of ``prepared``, with the style pass run once.
+
+        The diameter is the size model's estimate, or ``diam_labels`` without a size model.
+        """
+        style = self.default_scale_style(prepared, opts)
+        if self.model.size_model is None:
+            return self.model.diam_labels, style
+        return self._estimate_diameter(prepared, opts, style), style
+
+    def _estimate_diameter(
+        self, prepared: np.ndarray, opts: SegmentOptions, style: np.ndarray | None = None
+    ) -> float:
+        size_model = self.model.size_model
+        assert size_model is not None
+        dm = size_model.diam_mean  # Cellpose rescales to the size model's diam_mean here
+        if style is None:
+            style = self.default_scale_style(prepared, opts)
         guess = size_model.predict(style)
         rescale = dm / guess
         raw, _, _ = self.network(prepared, rescale, opts, resample=False)
@@ -294,16 +331,10 @@ class Segmenter:
         Options come from ``options`` (a :class:`SegmentOptions`) updated with keyword
         ``overrides``. Returns a :class:`Segmentation` at the size of ``image``.
         """
-        opts = options or SegmentOptions()
-        if overrides:
-            unknown = set(overrides) - set(SegmentOptions.__dataclass_fields__)
-            if unknown:
-                raise TypeError(f"unknown segmentation option(s): {', '.join(sorted(unknown))}")
-            opts = SegmentOptions(**{**opts.__dict__, **overrides})
-        timings: dict[str, float] = {}
+        opts = merge_options(options, overrides)
         t0 = time.perf_counter()
         prepared = self.prepare(image, opts)
-        timings["prepare"] = time.perf_counter() - t0
+        timings = {"prepare": time.perf_counter() - t0}
         diameter = opts.diameter
         if diameter is None or diameter <= 0:
             ts = time.perf_counter()
@@ -312,6 +343,24 @@ class Segmenter:
             else:
                 diameter = self.model.diam_labels
             timings["size"] = time.perf_counter() - ts
+        return self.segment_prepared(prepared, opts, float(diameter), timings, t0)
+
+    def segment_prepared(
+        self,
+        prepared: np.ndarray,
+        opts: SegmentOptions,
+        diameter: float,
+        timings: dict[str, float] | None = None,
+        t0: float | None = None,
+    ) -> Segmentation:
+        """Segment ``prepared`` (float32 (C, Y, X), from :meth:`prepare`) at a known
+        ``diameter`` (pixels): the network pass at that scale and the masks.
+
+        ``timings`` (steps already done) and ``t0`` (when they started) make the returned
+        ``timings["total"]`` cover them too.
+        """
+        timings = dict(timings or {})
+        t0 = time.perf_counter() if t0 is None else t0
         rescale = check_rescale(prepared.shape[1:], self.model.diam_mean, float(diameter))
         t1 = time.perf_counter()
         raw, style, n_tiles = self.network(prepared, rescale, opts, resample=opts.resample)
@@ -322,7 +371,42 @@ class Segmenter:
         labels = self.reconstruct(flows, cellprob, niter, opts, shape=prepared.shape[1:])
         timings["masks"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
-        return Segmentation(labels, flows, cellprob, style, float(diameter), timings, n_tiles)
+        return Segmentation(labels, flows, cellprob, style, float(diameter), timings, n_tiles,
+                            resampled=opts.resample)
+
+    def remask(
+        self, segmentation: Segmentation, options: SegmentOptions | None = None,
+        **overrides: Any,
+    ) -> Segmentation:
+        """Labels again from ``segmentation``'s network output, with other mask options.
+
+        Only the reconstruction runs (as in Cellpose's GUI when a threshold changes): the
+        options that count are ``cellprob_threshold``, ``flow_threshold``, ``min_size``,
+        ``max_size_fraction`` and ``niter``; those that change the network's input or output
+        (diameter, channels, tiling...) need :meth:`segment`. ``segmentation`` must come from
+        this segmenter's model. Returns a new :class:`Segmentation` sharing the flows,
+        cellprob and style, with the labels :meth:`segment` gives with these options.
+        """
+        opts = merge_options(options, overrides)
+        t0 = time.perf_counter()
+        rescale = self.model.diam_mean / segmentation.diameter
+        niter = opts.niter or default_niter(rescale, segmentation.resampled)
+        labels = self.reconstruct(segmentation.flows, segmentation.cellprob, niter, opts,
+                                  shape=segmentation.labels.shape)
+        seconds = time.perf_counter() - t0
+        return replace(segmentation, labels=labels, timings={"masks": seconds, "total": seconds})
+
+
+def merge_options(options: SegmentOptions | None, overrides: dict[str, Any]) -> SegmentOptions:
+    """``options`` (default: :class:`SegmentOptions`) with keyword ``overrides`` applied;
+    a TypeError names unknown ones."""
+    opts = options or SegmentOptions()
+    if overrides:
+        unknown = set(overrides) - set(SegmentOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown segmentation option(s): {', '.join(sorted(unknown))}")
+        opts = SegmentOptions(**{**opts.__dict__, **overrides})
+    return opts
 
 
 MAX_UPSCALE = 10.0
