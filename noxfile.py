@@ -166,6 +166,24 @@ CELLPROFILER_APP_DEPS = ("imageio", "Jinja2", "joblib", "sentry-sdk~=2.8.0", "ra
 
 
 @nox.session
+def hitl(session: nox.Session) -> None:
+    """Human-in-the-loop benchmark (issue 20; needs ../shared/data): fine-tunes the nuclei-only
+    model (training/nuclei/train.sh, ~50 min on 2 cores) on 1, 2, 3 and 5 Usiigaci images.
+    After ``--``: benchmarks/hitl.py's options (default base: runs/nuclei/nuclei.pth)."""
+    install_cellplug(session)
+    session.run("python", "benchmarks/hitl.py", *session.posargs)
+
+
+@nox.session
+def zoo(session: nox.Session) -> None:
+    """``--model auto`` (with the style-model pack) against the generalist on the validation
+    split, and the cost of choosing (issue 21; needs ../shared/data)."""
+    install_cellplug(session)
+    session.install("plugins/style-models")
+    session.run("python", "benchmarks/zoo.py", *session.posargs)
+
+
+@nox.session
 def cellprofiler(session: nox.Session) -> None:
     """The CellProfiler bridge (bridges/cellprofiler) in a headless CellProfiler 5: its tests,
     then cellplug's own suite under numpy 1.26 / scipy 1.10 / scikit-image 0.24."""
