@@ -27,6 +27,8 @@ def tests(session: nox.Session) -> None:
     install_cellplug(session, "test")
     for plugin in sorted(glob.glob("tests/plugins/dists/*/pyproject.toml")):
         session.install(plugin.rsplit("/", 1)[0])
+    # the OpenVINO backbone, a separate distribution: its tests and the contract kit's
+    session.install("./plugins/openvino")
     session.run("pytest", *session.posargs)
 
 
@@ -139,7 +141,8 @@ def parity(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Speed against Cellpose 3.1.1.2 measured in the same run; results in benchmarks/results/."""
     _reference_env(session)
-    session.install("psutil")
+    # bench_runtime: the OpenVINO backbone plugin, and ONNX Runtime measured beside it
+    session.install("psutil", "./plugins/openvino", "onnxruntime", "onnx")
     _run_scripts(session, "benchmarks/bench_*.py")
 
 

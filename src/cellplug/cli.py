@@ -162,6 +162,10 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
     rows = registry.rows([kind] if kind else None)
     if kind:  # failed plugins have no kind; show them in every listing
         rows += [r for r in registry.rows() if r["kind"] == "?" and r not in rows]
+    runnable = _models_by_backbone(registry) if kind in (None, "backbone") else {}
+    for r in rows:
+        if r["kind"] == "backbone":
+            r["models"] = runnable.get(r["name"], [])
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -175,6 +179,27 @@ def plugins_list(kind: str | None, as_json: bool) -> None:
     for row in table:
         cells = "  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True))
         click.echo(f"{cells}  {row[-1]}")
+    backbones = [r for r in rows if r["kind"] == "backbone"]
+    if backbones:
+        click.echo("\nmodels each backbone runs:")
+        width = max(len(r["name"]) for r in backbones)
+        for r in backbones:
+            click.echo(f"  {r['name']:<{width}}  {', '.join(r['models']) or '-'}")
+
+
+def _models_by_backbone(registry: Any) -> dict[str, list[str]]:
+    """Backbone name -> the installed models it can run: those of its own layout, and for
+    a runtime backbone (``runs``) those of every backbone it runs."""
+    from .models import available_models, runs_backbone
+
+    with warnings.catch_warnings():  # a broken user model is reported by `models list`
+        warnings.simplefilter("ignore")
+        models = available_models(registry)
+    out: dict[str, list[str]] = {}
+    for name, reg in registry.registrations("backbone").items():
+        out[name] = sorted(m.name for m in models.values() if m.backbone == name
+                           or runs_backbone(reg.obj, m.backbone, registry))
+    return out
 
 
 # -- models ------------------------------------------------------------------------------
@@ -264,6 +289,46 @@ def models_export(name: str, folder: Path) -> None:
         click.echo(f"wrote {p}")
 
 
+# -- plugin choices (segment, eval, train) ---------------------------------------------------
+def _key_values(items: tuple[str, ...], hint: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict; a value that reads as JSON (3, 0.5, true, [32, 64])
+    is that, anything else stays a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=hint)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _backbone_choice(func: Any) -> Any:
+    """--backbone / --backbone-option / --reconstructor, shared by segment and eval."""
+    func = click.option(
+        "--reconstructor", default=None,
+        help="Mask reconstructor plugin (default: the model's, cellpose-dynamics).")(func)
+    func = click.option(
+        "--backbone-option", "backbone_options", multiple=True, metavar="KEY=VALUE",
+        help="Option of the backbone, e.g. precision=f32 or cache_dir=DIR for openvino. "
+             "Repeatable.")(func)
+    return click.option(
+        "--backbone", default=None,
+        help="Run the model with this backbone plugin (e.g. openvino, which runs any torch "
+             "backbone's weights); refused when it cannot load the model's weights.")(func)
+
+
+def _plugin_record(segmenter: Any) -> dict[str, Any]:
+    """Backbone (and options), decoder and reconstructor used, for summary.json."""
+    names = dict(getattr(segmenter, "plugin_names", None) or {})
+    options = names.get("backbone_options") or {}
+    names["backbone_options"] = {k: v if isinstance(v, int | float | str | bool | None | list)
+                                 else str(v) for k, v in options.items()}
+    return names
+
+
 # -- segment -----------------------------------------------------------------------------
 def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
     from .transforms import parse_channels
@@ -315,12 +380,15 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
               show_default=True,
               help="skip: report a bad image and go on with the others; stop: stop at the first.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_backbone_choice
 def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None,
             selector: str | None, diameter: float, channels: tuple[int, int], invert: bool,
             flow_threshold: float,
             cellprob_threshold: float, min_size: int, niter: int | None, tile: str,
             precision: str, augment: bool, batch_size: int, save: tuple[str, ...], as_json: bool,
-            threads: int | None, axes: str | None, on_error: str, quiet: bool) -> None:
+            threads: int | None, axes: str | None, on_error: str, quiet: bool,
+            backbone: str | None = None, backbone_options: tuple[str, ...] = (),
+            reconstructor: str | None = None) -> None:
     """Segment images (files or folders) and write <stem>_masks.tif for each.
 
     A bad input is reported on one line and the other images are still segmented (exit
@@ -352,7 +420,9 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
         if on_error == "stop":
             raise SystemExit(1)
     failed = len(problems)
-    segmenter = _segmenter(model_ref, selector, threads) if files else None
+    choice_opts = _key_values(backbone_options, "--backbone-option")
+    segmenter = (_segmenter(model_ref, selector, threads, backbone, choice_opts, reconstructor)
+                 if files else None)
     for path in tqdm(files, desc="segmenting", unit="image", disable=quiet or len(files) < 2):
         assert segmenter is not None
         try:
@@ -380,8 +450,9 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             _report(f"{path}: {result.n_objects} objects "
                     f"(diameter {result.diameter:.1f} px{chosen}) -> {written[0]}", err=False)
     if as_json:
-        doc = {"model": _model_label(segmenter, model_ref), "images": summary,
-               "failed": failed}
+        doc = {"model": _model_label(segmenter, model_ref),
+               **(_plugin_record(segmenter) if segmenter is not None else {}),
+               "images": summary, "failed": failed}
         click.echo(json.dumps(doc, indent=2))
         done = [Path(e["masks"]) for e in summary if "masks" in e]
         if done:
@@ -395,17 +466,23 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
         raise SystemExit(1)
 
 
-def _segmenter(model_ref: str | None, selector: str | None, threads: int | None) -> Any:
+def _segmenter(model_ref: str | None, selector: str | None, threads: int | None,
+               backbone: str | None = None, backbone_options: dict[str, Any] | None = None,
+               reconstructor: str | None = None) -> Any:
     """A :class:`~cellplug.segmenter.Segmenter`, or for ``auto`` an
     :class:`~cellplug.selection.AutoSegmenter` over the default model's zoo."""
     from .segmenter import Segmenter
     from .selection import AUTO, AutoSegmenter
 
     if model_ref == AUTO:
+        if backbone or backbone_options or reconstructor:
+            raise click.UsageError("--backbone, --backbone-option and --reconstructor apply to "
+                                   "one model, not to --model auto")
         return AutoSegmenter.from_zoo(selector=selector, threads=threads)
     if selector is not None:
         raise click.UsageError("--selector chooses among zoo models: use it with --model auto")
-    return Segmenter.from_model(model_ref, threads=threads)
+    return Segmenter.from_model(model_ref, threads=threads, reconstructor=reconstructor,
+                                backbone=backbone, backbone_options=backbone_options or None)
 
 
 def _segment_one(segmenter: Any, image: Any, opts: Any, **overrides: Any) -> tuple[Any, Any]:
@@ -515,6 +592,42 @@ def _sampling_groups(src: Path, column: str | None) -> dict[str, str]:
     return {r["stem"]: f"{src.name}/{r[column]}" for r in rows}
 
 
+def _train_backbone(name: str | None, options: dict[str, Any],
+                    registry: Any) -> tuple[str | None, dict[str, Any]]:
+    """The backbone ``train`` builds for ``--backbone NAME``: NAME itself, or for an
+    inference-only backbone the torch backbone it runs (its ``base`` option), with a note.
+    The saved model names the torch backbone; ``segment --backbone NAME`` runs it."""
+    from .models import _default_option, is_inference_only
+
+    if name is None:
+        return None, options
+    factory = registry.get("backbone", name)
+    if not is_inference_only(factory):
+        return name, options
+    base = options.pop("base", None) or _default_option(factory, "base")
+    if not base:
+        raise CellplugError(f"backbone {name!r} is inference-only and names no torch backbone "
+                            f"to train; train another backbone and run it with segment "
+                            f"--backbone {name}")
+    runtime = sorted(k for k in options if k in _factory_params(factory))
+    if runtime:
+        raise click.BadParameter(f"{', '.join(runtime)}: options of {name!r} at run time, not "
+                                 f"of the torch backbone trained", param_hint="--backbone-option")
+    click.echo(f"backbone {name!r} is inference-only: training its torch backbone {base!r} "
+               f"(run the model with segment --backbone {name})", err=True)
+    return str(base), options
+
+
+def _factory_params(factory: Any) -> set[str]:
+    import inspect
+
+    try:
+        return {p.name for p in inspect.signature(factory).parameters.values()
+                if p.kind is p.KEYWORD_ONLY}
+    except (TypeError, ValueError):
+        return set()
+
+
 def _is_val(stem: str, fraction: float, seed: int) -> bool:
     h = int(hashlib.sha1(f"{seed}:{stem}".encode()).hexdigest()[:8], 16)
     return h / 0xFFFFFFFF < fraction
@@ -593,6 +706,14 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
               help="stop: a bad image/label pair stops the run before training; skip: report "
                    "it, leave it out, and train on the rest.")
 @click.option("-q", "--quiet", is_flag=True)
+@click.option("--decoder", "decoder_name", default=None,
+              help="Flow decoder plugin of a new model (default: cellpose-flows).")
+@click.option("--backbone-option", "backbone_options", multiple=True, metavar="KEY=VALUE",
+              help="Factory option of a new model's backbone, e.g. nbase=[32,64,128,256]. "
+                   "Repeatable.")
+@click.option("--backbone", default=None,
+              help="Backbone plugin of a new model (default: cellpose-unet). An inference-only "
+                   "backbone (openvino) trains its torch base backbone instead.")
 def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | None,
           base_ref: str | None, recipe: str | None, optimizer: str | None,
           source_name: str | None, source_options: tuple[str, ...], val_list: Path | None,
@@ -604,7 +725,8 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
           eval_every: int, eval_images: int | None,
           checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, precision: str,
           bf16: bool, threads: int | None, seed: int, channels: tuple[int, int], size_epochs: int,
-          size_model: str, on_error: str, quiet: bool) -> None:
+          size_model: str, on_error: str, quiet: bool, backbone: str | None = None,
+          backbone_options: tuple[str, ...] = (), decoder_name: str | None = None) -> None:
     """Train (or fine-tune with --base) a model on annotated images.
 
     SOURCES are folders an annotation source reads: images with <stem>_masks.tif (Cellpose's
@@ -635,8 +757,11 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
         out_path = new_model_path(model_name)
     assert out_path is not None
     registry = get_registry()
+    backbone, backbone_opts = _train_backbone(backbone, _key_values(
+        backbone_options, "--backbone-option"), registry)
     config = recipe_config(
         recipe or ("hitl" if base_ref else "scratch"),
+        backbone=backbone, backbone_options=backbone_opts or None, decoder=decoder_name,
         epochs=epochs, batch_size=batch_size, patch=patch, learning_rate=learning_rate,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer,
         diam_mean=diam_mean,
@@ -648,6 +773,17 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
     base = resolve_model(base_ref, registry) if base_ref else None
     if base is not None:  # a bad base model fails now, not after the data is prepared
         build_network(base, registry)
+        for flag, given, has in (("--backbone", backbone, base.backbone),
+                                 ("--decoder", decoder_name, base.decoder)):
+            if given is not None and given != has:
+                raise click.UsageError(
+                    f"{flag} {given}: fine-tuning keeps the base model's architecture, and "
+                    f"{base.name!r} has {flag[2:]} {has!r}")
+        if backbone_opts:
+            raise click.UsageError("--backbone-option applies to a new model, not with --base")
+    else:  # unknown plugin names fail now too
+        registry.get("backbone", config.backbone)
+        registry.get("decoder", config.decoder)
     decoder = registry.get("decoder", base.decoder if base else config.decoder)
     val_stems = set(val_list.read_text().split()) if val_list else None
     train_s, val_s, described, used = [], [], [], []
@@ -862,12 +998,14 @@ def _find_truth(gt_dir: Path, stem: str, suffix: str) -> Path | None:
 @click.option("--axes", default=None, metavar="AXES",
               help="Dimension order of the stored images, as for segment.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_backbone_choice
 def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None,
              selector: str | None, diameter: float,
              true_diameter: bool, channels: tuple[int, int], precision: str,
              stems_file: Path | None,
              group_by: str | None, mask_suffix: str, out_path: Path | None, threads: int | None,
-             axes: str | None, quiet: bool) -> None:
+             axes: str | None, quiet: bool, backbone: str | None = None,
+             backbone_options: tuple[str, ...] = (), reconstructor: str | None = None) -> None:
     """Score predictions (or segment images, then score) against ground-truth masks.
 
     Reports AP at IoU 0.50...0.95 (TP / (TP + FP + FN)), precision, recall and F1 at 0.5, per
@@ -892,7 +1030,9 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None,
     if not all(is_pred for _, _, is_pred in items):
         from .segmenter import SegmentOptions, median_diameter
 
-        segmenter = _segmenter(model_ref, selector, threads)
+        segmenter = _segmenter(model_ref, selector, threads, backbone,
+                               _key_values(backbone_options, "--backbone-option"),
+                               reconstructor)
         opts = SegmentOptions(diameter=diameter, channels=_channels(channels),
                               precision=precision)
     from .metrics import DEFAULT_THRESHOLDS
@@ -941,6 +1081,8 @@ def eval_cmd(inputs: tuple[Path, ...], gt_dir: Path, model_ref: str | None,
     if not report.rows:
         raise CellplugError("no image could be evaluated")
     doc = report.to_dict()
+    if segmenter is not None:  # which plugins made the predictions
+        doc["plugins"] = _plugin_record(segmenter)
     rows = [("overall", doc["overall"])] + [(f"  {g}", v) for g, v in doc["groups"].items()]
     click.echo(f"{'':<24} {'images':>6} {'AP@0.50':>8} {'AP@0.75':>8} {'AP@0.90':>8} "
                f"{'prec':>6} {'recall':>6} {'F1':>6}")

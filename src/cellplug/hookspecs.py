@@ -52,6 +52,22 @@ def register_backbones(register: Register) -> None:
     provided: it returns the factory options that rebuild the network for a given state
     dict (used to load weights that carry no metadata, such as Cellpose ``.pth`` files),
     or ``None`` when the state dict is not this backbone's.
+
+    Two more optional attributes of ``factory`` declare a *runtime* backbone, one that runs
+    other backbones' weights with another engine (``cellplug-openvino``):
+
+    - ``factory.inference_only = True``: the module cannot be trained. ``cellplug train
+      --backbone NAME`` then trains the torch backbone named by the factory's ``base``
+      option (or refuses when there is none); the saved model names that backbone.
+    - ``factory.runs``: the backbones whose weights it runs, a tuple of names or ``"*"``
+      (any backbone that is not itself a runtime one). The factory takes the keyword option
+      ``base`` (the backbone whose weights it runs, passed by ``segment --backbone NAME``)
+      and returns a module with ``base``'s state-dict layout, so the weights load
+      unchanged; its other keyword-only parameters are run-time options
+      (``--backbone-option``), the rest go to ``base``'s factory. ``cellplug plugins list``
+      shows which models each backbone runs.
+
+    The kit :mod:`cellplug.testing` checks these contracts for a plugin's backbone.
     """
 
 

@@ -378,6 +378,88 @@ def resolve_model(
     return info
 
 
+def is_runtime_backbone(factory: Any) -> bool:
+    """Whether a backbone factory declares ``runs``: it runs other backbones' weights
+    (named by its ``base`` option) instead of having its own layout."""
+    return getattr(factory, "runs", None) is not None
+
+
+def is_inference_only(factory: Any) -> bool:
+    """Whether a backbone factory declares ``inference_only = True`` (it cannot be trained)."""
+    return bool(getattr(factory, "inference_only", False))
+
+
+def _default_option(factory: Any, name: str) -> Any:
+    import inspect
+
+    try:
+        param = inspect.signature(factory).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is param.empty else param.default
+
+
+def runs_backbone(factory: Any, name: str, registry: PluginRegistry) -> bool:
+    """Whether backbone ``factory`` can run the weights of backbone ``name``: its own, or
+    through ``runs`` (a list of names, or ``"*"``: any backbone that is not itself a runtime
+    one)."""
+    runs = getattr(factory, "runs", None)
+    if runs is None:
+        return False
+    if runs == "*":
+        try:
+            return not is_runtime_backbone(registry.get("backbone", name))
+        except CellplugError:
+            return False
+    return name in runs
+
+
+def weights_backbone(info: ModelInfo) -> str:
+    """The backbone whose layout ``info``'s weights have (its own, or the ``base`` of a
+    runtime backbone chosen with :func:`with_backbone`)."""
+    return str(info.metadata.get("weights_backbone") or info.backbone)
+
+
+def with_backbone(
+    info: ModelInfo,
+    backbone: str | None = None,
+    options: dict[str, Any] | None = None,
+    registry: PluginRegistry | None = None,
+) -> ModelInfo:
+    """``info`` run by another backbone and/or with more backbone options (``segment
+    --backbone NAME --backbone-option K=V``); the weights are unchanged.
+
+    A runtime backbone (one declaring ``runs``) gets the weights' backbone as its ``base``
+    option; any other backbone must load the weights as they are, which
+    :func:`build_network` checks. Refuses an unknown backbone, and a runtime backbone that
+    does not run the weights' backbone.
+    """
+    if backbone is None and not options:
+        return info
+    registry = registry or get_registry()
+    own = weights_backbone(info)
+    name = backbone or info.backbone
+    factory = registry.get("backbone", name)
+    meta = dict(info.metadata)
+    opts = dict(meta.get("backbone_options") or {})
+    if name != info.backbone:
+        if is_runtime_backbone(factory):
+            if not runs_backbone(factory, own, registry):
+                runs = getattr(factory, "runs", ())
+                raise CellplugError(
+                    f"backbone {name!r} cannot run model {info.name!r}: its weights are "
+                    f"backbone {own!r}'s, and {name!r} runs "
+                    f"{'any torch backbone' if runs == '*' else ', '.join(runs)}"
+                )
+            opts["base"] = own
+        elif is_runtime_backbone(registry.get("backbone", info.backbone)):
+            opts.pop("base", None)  # back from a runtime backbone to a torch one
+        meta["weights_backbone"] = own
+    opts.update(options or {})
+    meta.update(backbone=name, backbone_options=opts)
+    return ModelInfo(info.name, info.weights, meta, info.origin)
+
+
 def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> Any:
     """Instantiate the model's backbone and load its weights (eval mode, float32).
 
@@ -396,6 +478,9 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
     options = dict(given)
     _check_options(factory, options, info, where)
     accepts = getattr(factory, "accepts_state_dict", None)
+    if is_runtime_backbone(factory):  # it runs its base backbone's weights: ask that one
+        base = str(options.get("base") or _default_option(factory, "base"))
+        accepts = getattr(registry.get("backbone", base), "accepts_state_dict", None)
     if accepts is not None:
         inferred = accepts(state)
         if inferred is None:
@@ -417,17 +502,20 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
             f"{where}: field 'backbone_options' {given} rejected by backbone "
             f"{info.backbone!r} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         ) from None
+    # chosen with --backbone: say whose weights these are, the usual reason they do not fit
+    other = weights_backbone(info)
+    hint = f" (they are for backbone {other!r})" if other != info.backbone else ""
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())[:300]
         raise CellplugError(
-            f"{info.weights}: weights do not fit backbone {info.backbone!r}: {msg}"
+            f"{info.weights}: weights do not fit backbone {info.backbone!r}{hint}: {msg}"
         ) from None
     missing = [k for k in missing if k not in ("diam_mean", "diam_labels")]
     if missing or unexpected:
         raise CellplugError(
-            f"{info.weights}: weights do not fit backbone {info.backbone!r} "
+            f"{info.weights}: weights do not fit backbone {info.backbone!r}{hint} "
             f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
         )
     # Cellpose files carry the diameters in the state dict; metadata, when present, wins

@@ -19,7 +19,7 @@ import numpy as np
 from . import transforms
 from .errors import CellplugError
 from .inference import run_network
-from .models import ModelInfo, build_network, resolve_model
+from .models import ModelInfo, build_network, resolve_model, with_backbone
 from .plugins import PluginRegistry, get_registry
 
 
@@ -133,6 +133,13 @@ class Segmenter:
         self.decoder = decoder
         self.reconstructor = reconstructor
         self.threads = threads
+        # the plugins by name, as recorded in summary.json (from_info sets the reconstructor's)
+        self.plugin_names: dict[str, Any] = {
+            "backbone": model.backbone,
+            "backbone_options": dict(model.metadata.get("backbone_options") or {}),
+            "decoder": model.decoder,
+            "reconstructor": model.reconstructor,
+        }
         self.vector_channels = tuple(
             c - 1 for c in getattr(decoder, "vector_channels", (1, 2))
         )  # raw channels are targets minus the foreground channel
@@ -147,10 +154,13 @@ class Segmenter:
         registry: PluginRegistry | None = None,
         reconstructor: str | None = None,
         threads: int | None = None,
+        backbone: str | None = None,
+        backbone_options: dict[str, Any] | None = None,
     ) -> Segmenter:
         """Build from a model name or path (``None``: the default model)."""
         registry = registry or get_registry()
-        return cls.from_info(resolve_model(ref, registry), registry, reconstructor, threads)
+        return cls.from_info(resolve_model(ref, registry), registry, reconstructor, threads,
+                             backbone, backbone_options)
 
     @classmethod
     def from_info(
@@ -159,13 +169,24 @@ class Segmenter:
         registry: PluginRegistry | None = None,
         reconstructor: str | None = None,
         threads: int | None = None,
+        backbone: str | None = None,
+        backbone_options: dict[str, Any] | None = None,
     ) -> Segmenter:
-        """Build from a resolved :class:`ModelInfo`."""
+        """Build from a resolved :class:`ModelInfo`.
+
+        ``reconstructor``, ``backbone`` and ``backbone_options`` override the model's
+        metadata (see :func:`cellplug.models.with_backbone`); the names used are in
+        :attr:`plugin_names`.
+        """
         registry = registry or get_registry()
+        info = with_backbone(info, backbone, backbone_options, registry)
         net = build_network(info, registry)
         decoder = registry.get("decoder", info.decoder)
-        recon = registry.get("reconstructor", reconstructor or info.reconstructor)
-        return cls(info, net, decoder, recon, threads)
+        recon_name = reconstructor or info.reconstructor
+        recon = registry.get("reconstructor", recon_name)
+        seg = cls(info, net, decoder, recon, threads)
+        seg.plugin_names["reconstructor"] = recon_name
+        return seg
 
     # -- steps ---------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, opts: SegmentOptions) -> np.ndarray:

@@ -62,6 +62,8 @@ class TrainConfig:
     device: str = "auto"  # "auto": a CUDA GPU when torch sees one, else the CPU
     channels: tuple[int, int] = (0, 0)
     backbone: str = "cellpose-unet"
+    # factory options of a new network (train --backbone-option); recorded in the metadata
+    backbone_options: dict[str, Any] = field(default_factory=dict)
     decoder: str = "cellpose-flows"
     size_epochs: int = 4
     # "fit": fit a size model on the training images; "keep": the base model's (fine-tuning);
@@ -309,7 +311,8 @@ def train(
         net = build_network(base_model, registry)
     else:
         factory = registry.get("backbone", config.backbone)
-        net = factory(n_channels=2, n_outputs=decoder.n_outputs, diam_mean=config.diam_mean)
+        net = factory(n_channels=2, n_outputs=decoder.n_outputs, diam_mean=config.diam_mean,
+                      **config.backbone_options)
     diam_mean = config.diam_mean  # the base's when fine-tuning (see above)
     if not train_samples:
         raise CellplugError("no training images (with enough objects) to train on")
@@ -460,7 +463,9 @@ def train(
     meta: dict[str, Any] = {
         "name": out_path.stem,
         "backbone": config.backbone,
-        "backbone_options": {"n_channels": 2, "n_outputs": decoder.n_outputs},
+        "backbone_options": {"n_channels": 2, "n_outputs": decoder.n_outputs,
+                             **(config.backbone_options if base_model is None else
+                                base_model.metadata.get("backbone_options") or {})},
         "decoder": config.decoder,
         "reconstructor": "cellpose-dynamics",
         "channels": list(config.channels),

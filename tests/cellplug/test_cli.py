@@ -92,6 +92,7 @@ def test_plugins_list_json():
     assert by_name["backbone", "example-tiny"] == {
         "kind": "backbone", "name": "example-tiny", "plugin": "example",
         "distribution": "cellplug-example-plugin", "version": "0.1.0", "status": "ok",
+        "models": [],  # no installed model has its layout
     }
     assert by_name["?", "broken"]["status"] == f"error: {BROKEN_ERROR}"
 

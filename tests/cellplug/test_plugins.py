@@ -78,7 +78,8 @@ def test_example_plugin_is_listed_beside_the_defaults(registry):
     assert status.distribution == "cellplug-example-plugin"
     assert status.version == "0.1.0"
     assert sorted(status.provides) == [
-        ("backbone", "example-tiny"), ("command", "example-hello"), ("selector", "first-model"),
+        ("backbone", "example-tiny"), ("command", "example-hello"),
+        ("reconstructor", "example-threshold"), ("selector", "first-model"),
         ("source", "example-npz"),
     ]
     reg = registry.registrations("selector")["first-model"]

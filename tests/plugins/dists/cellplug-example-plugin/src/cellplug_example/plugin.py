@@ -3,6 +3,8 @@
 - style selector ``first-model``: picks the first candidate model for every image;
 - annotation source ``example-npz``: ``*.npz`` files holding ``image`` and ``labels`` arrays;
 - backbone ``example-tiny``: a two-layer convolutional net satisfying the backbone contract;
+- reconstructor ``example-threshold``: connected components of ``cellprob > threshold``
+  (no flows), for ``segment --reconstructor``;
 - command ``example-hello``: ``cellplug example-hello NAME`` prints a greeting.
 """
 
@@ -39,6 +41,27 @@ def build_tiny(n_channels: int = 2, n_outputs: int = 3, n_style: int = 8, **opti
     from .tiny import TinyNet
 
     return TinyNet(n_channels, n_outputs, n_style, **options)
+
+
+def threshold_components(flows, cellprob, cellprob_threshold=0.0, min_size=0, **params):
+    """Reconstructor: 4-connected components of ``cellprob > cellprob_threshold``."""
+    import numpy as np
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(np.asarray(cellprob) > cellprob_threshold)
+    if min_size > 0:
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= min_size
+        keep[0] = False
+        lut = np.zeros(sizes.size, np.uint32)
+        lut[keep] = np.arange(1, int(keep.sum()) + 1)
+        return lut[labels]
+    return labels.astype(np.uint32)
+
+
+@hookimpl
+def register_mask_reconstructors(register):
+    register("example-threshold", threshold_components)
 
 
 @hookimpl

@@ -1,0 +1,172 @@
+"""The cellplug-openvino plugin (plugins/openvino, installed by `nox -s tests`): listed through
+its entry point, passes the contract kit, gives the torch path's labels on tests/data images,
+rebuilds a stale cache entry, and trains only through its torch base (issue 24)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("openvino", reason="cellplug-openvino needs openvino (nox -s tests has it)")
+runtime = pytest.importorskip("cellplug_openvino.runtime")
+
+from cellplug.cli import main  # noqa: E402
+from cellplug.plugins import set_registry  # noqa: E402
+from cellplug.testing import BackboneContract, Subject  # noqa: E402
+
+SMALL = {"nbase": [8, 16, 32, 64]}  # a small cellpose-unet: a fast export
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+class TestOpenVINOContract(BackboneContract):
+    backbone = "openvino"
+    options = {**SMALL, "cache_dir": None}
+
+    @pytest.fixture(autouse=True)
+    def _cache(self, cache, monkeypatch):
+        monkeypatch.setenv("CELLPLUG_CACHE", str(cache))
+
+
+def test_listed_through_its_entry_point_with_the_models_it_runs():
+    set_registry(None)
+    rows = json.loads(CliRunner().invoke(main, ["plugins", "list", "--kind", "backbone",
+                                                "--json"]).stdout)
+    row = next(r for r in rows if r["name"] == "openvino")
+    assert (row["plugin"], row["distribution"], row["status"]) == (
+        "openvino", "cellplug-openvino", "ok")
+    assert "generalist" in row["models"]
+
+
+@pytest.fixture(scope="module")
+def segmenters(cache):
+    from cellplug.segmenter import Segmenter
+
+    set_registry(None)
+    torch_seg = Segmenter.from_model("generalist")
+    ov_seg = Segmenter.from_model("generalist", backbone="openvino",
+                                  backbone_options={"cache_dir": str(cache)})
+    return torch_seg, ov_seg
+
+
+@pytest.mark.parametrize("stem", ["dsb2018_fluo", "dsb2018_he", "dsb2018_bf", "usiigaci_phc"])
+def test_labels_equal_the_torch_path(segmenters, data_dir, stem):
+    from cellplug.io import read_image
+    from cellplug.metrics import average_precision
+
+    image = read_image(data_dir / f"{stem}.tif")
+    torch_seg, ov_seg = segmenters
+    ref = torch_seg.segment(image, diameter=0, precision="fp32")
+    got = ov_seg.segment(image, diameter=0, precision="fp32")
+    assert got.diameter == pytest.approx(ref.diameter, rel=1e-3)
+    assert float(average_precision(ref.labels, got.labels, [0.5])[0]) >= 0.98
+    # float32 on both sides: the same labels, up to a few boundary pixels
+    assert (ref.labels == got.labels).mean() >= 0.999
+    assert ov_seg.model.backbone == "openvino"
+    assert ov_seg.plugin_names["backbone_options"]["base"] == "cellpose-unet"
+
+
+def _small_net(cache, base="example-tiny"):
+    # the cache's logic does not depend on the network: the example plugin's two-layer net
+    # exports in a fraction of a second
+    options = SMALL if base == "cellpose-unet" else {}
+    return Subject("backbone", "openvino", {**options, "base": base, "cache_dir": str(cache)})
+
+
+def test_stale_cache_entry_is_detected_and_rebuilt(tmp_path):
+    import torch
+
+    from cellplug.testing import build_backbone
+
+    subject = _small_net(tmp_path)
+    net = build_backbone(subject)
+    x = torch.zeros(1, 2, 32, 32)
+    with torch.inference_mode():
+        want = net(x)[0].clone()
+    entry = runtime.runner_of(net).entry_dir()
+    assert runtime.runner_of(net).stats["cache"] == "miss" and (entry / "model.bin").is_file()
+
+    again = build_backbone(subject)  # same weights: the entry is used as it is
+    with torch.inference_mode():
+        again(x)
+    assert runtime.runner_of(again).stats["cache"] == "hit"
+
+    # the files no longer match what entry.json recorded (a half-written or edited entry)
+    with open(entry / "model.bin", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\xff\xff\xff\xff")
+    third = build_backbone(subject)
+    with pytest.warns(runtime.StaleCacheWarning, match="does not match its recorded sha256"):
+        with torch.inference_mode():
+            got = third(x)[0]
+    assert runtime.runner_of(third).stats["cache"] == "stale"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    # entry.json from other weights under this key
+    meta = json.loads((entry / "entry.json").read_text())
+    (entry / "entry.json").write_text(json.dumps({**meta, "weights_sha256": "0" * 64}))
+    fourth = build_backbone(subject)
+    with pytest.warns(runtime.StaleCacheWarning, match="weights_sha256"):
+        with torch.inference_mode():
+            fourth(x)
+
+
+def test_changed_weights_get_a_new_entry(tmp_path):
+    import torch
+
+    from cellplug.testing import build_backbone
+
+    net = build_backbone(_small_net(tmp_path))
+    x = torch.ones(1, 2, 32, 32)
+    with torch.inference_mode():
+        before = net(x)[0].clone()
+    key = runtime.runner_of(net).key
+    with torch.no_grad():  # in place, as load_state_dict or an optimiser step does
+        dict(net.named_parameters())["head.bias"].add_(0.5)
+    with torch.inference_mode():
+        after = net(x)[0]
+    assert runtime.runner_of(net).key != key
+    assert sorted(p.name for p in tmp_path.iterdir() if len(p.name) == 64) == sorted(
+        [key, runtime.runner_of(net).key])
+    net.__class__ = type(net).__mro__[2]  # the plain torch class: the reference
+    with torch.inference_mode():
+        torch.testing.assert_close(after, net(x)[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_training_falls_back_to_the_torch_base(tmp_path, data_dir):
+    """train --backbone openvino trains cellpose-unet in torch and says so; the module's
+    training-mode forward is torch's (gradients flow)."""
+    import torch
+
+    from cellplug.testing import build_backbone
+
+    net = build_backbone(_small_net(tmp_path, "cellpose-unet")).train()
+    raw, _ = net(torch.zeros(2, 2, 32, 32))
+    assert raw.requires_grad and runtime.runner_of(net).key is None  # OpenVINO never ran
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for suffix in ("", "_masks"):
+        shutil.copy(data_dir / f"dsb2018_fluo{suffix}.tif", src / f"dsb2018_fluo{suffix}.tif")
+    set_registry(None)
+    out = tmp_path / "m.pth"
+    result = CliRunner().invoke(main, [
+        "train", str(src), "--out", str(out), "--backbone", "openvino", "--backbone-option",
+        "nbase=[8,16,32,64]", "--epochs", "1", "--patch", "48", "--size-epochs", "1",
+        "--threads", "1", "--diam-mean", "17", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "inference-only: training its torch backbone 'cellpose-unet'" in result.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["backbone"] == "cellpose-unet" and meta["backbone_options"]["nbase"] == [
+        8, 16, 32, 64]
+    bad = CliRunner().invoke(main, ["train", str(src), "--out", str(tmp_path / "x.pth"),
+                                    "--backbone", "openvino", "--backbone-option",
+                                    "precision=f32", "--epochs", "1"])
+    assert bad.exit_code == 2 and "options of 'openvino' at run time" in bad.output
