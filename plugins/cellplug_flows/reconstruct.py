@@ -213,6 +213,12 @@ def _fill_holes(lab, n):
                 y1[v] = max(y1[v], i)
                 x0[v] = min(x0[v], j)
                 x1[v] = max(x1[v], j)
+    _fill_holes_in_boxes(lab, n, y0, y1, x0, x1)
+
+
+@njit(cache=True)
+def _fill_holes_in_boxes(lab, n, y0, y1, x0, x1):
+    """:func:`_fill_holes` given each label's bounding box (inclusive, y1 < 0: absent)."""
     for k in range(1, n + 1):
         if y1[k] < 0:
             continue
@@ -286,6 +292,206 @@ def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = 15) -> np.nd
     return lab
 
 
+# -- flows -> masks on the list of foreground pixels ---------------------------------------
+# The steps above each pass over the whole image (histogram maxima, renumbering, bounding
+# boxes, object sizes). On sparse images (a few per cent foreground, as real microscopy
+# often is) those full passes cost more than following the flows; Cellpose's cost falls with
+# the foreground. The functions below give the same labels from the foreground pixels'
+# list (and each object's bounding box) only; the whole image is touched once, at the end.
+@njit(cache=True)
+def _seeds(h, py, px):
+    """The bins :func:`cluster_end_points` takes as seeds (more than SEED_MIN_COUNT end points
+    and the maximum of their clipped 5x5 window), looking only at bins end points fell in."""
+    ny, nx = h.shape
+    seen = np.zeros(h.shape, np.bool_)
+    cy = np.empty(py.shape[0], np.int64)
+    cx = np.empty(py.shape[0], np.int64)
+    m = 0
+    for k in range(py.shape[0]):
+        y = py[k]
+        x = px[k]
+        if seen[y, x]:
+            continue
+        seen[y, x] = True
+        v = h[y, x]
+        if v <= SEED_MIN_COUNT:
+            continue
+        peak = True
+        for yy in range(max(0, y - 2), min(ny, y + 3)):
+            for xx in range(max(0, x - 2), min(nx, x + 3)):
+                if h[yy, xx] > v:
+                    peak = False
+        if peak:
+            cy[m] = y
+            cx[m] = x
+            m += 1
+    return cy[:m], cx[:m]
+
+
+@njit(cache=True)
+def _gather(M, py, px):
+    out = np.empty(py.shape[0], np.int32)
+    for k in range(py.shape[0]):
+        out[k] = M[py[k], px[k]]
+    return out
+
+
+@njit(cache=True)
+def _boxes_of(ys, xs, vals, n):
+    """Bounding boxes [y0, y1, x0, x1] (inclusive; y1 = -1: absent) of labels 0..n."""
+    box = np.empty((n + 1, 4), np.int64)
+    box[:, 0] = 1 << 40
+    box[:, 1] = -1
+    box[:, 2] = 1 << 40
+    box[:, 3] = -1
+    for k in range(vals.shape[0]):
+        v = vals[k]
+        if v > 0:
+            b = box[v]
+            b[0] = min(b[0], ys[k])
+            b[1] = max(b[1], ys[k])
+            b[2] = min(b[2], xs[k])
+            b[3] = max(b[3], xs[k])
+    return box
+
+
+@njit(cache=True)
+def _scatter(lab, ys, xs, vals):
+    for k in range(vals.shape[0]):
+        lab[ys[k], xs[k]] = vals[k]
+
+
+@njit(cache=True, nogil=True)
+def _mean_sq_error_list(ys, xs, vals, a, b, n):
+    """:func:`_mean_sq_error` over a row-major pixel list (same sums, same order)."""
+    sums = np.zeros(n + 1, np.float64)
+    counts = np.zeros(n + 1, np.int64)
+    for k in range(vals.shape[0]):
+        v = vals[k]
+        if v > 0:
+            i = ys[k]
+            j = xs[k]
+            d0 = np.float64(a[0, i, j]) - np.float64(b[0, i, j])
+            d1 = np.float64(a[1, i, j]) - np.float64(b[1, i, j])
+            sums[v] += d0 * d0 + d1 * d1
+            counts[v] += 1
+    out = np.zeros(n, np.float64)
+    for k in range(1, n + 1):
+        if counts[k] > 0:
+            out[k - 1] = sums[k] / counts[k]
+    return out
+
+
+@njit(cache=True)
+def _count_in_boxes(lab, box, n):
+    counts = np.zeros(n + 1, np.int64)
+    for k in range(1, n + 1):
+        if box[k, 1] < 0:
+            continue
+        for i in range(box[k, 0], box[k, 1] + 1):
+            for j in range(box[k, 2], box[k, 3] + 1):
+                if lab[i, j] == k:
+                    counts[k] += 1
+    return counts
+
+
+@njit(cache=True)
+def _relabel_in_boxes(lab, box, lut, out):
+    for k in range(1, lut.shape[0]):
+        if box[k, 1] < 0 or lut[k] == 0:
+            continue
+        for i in range(box[k, 0], box[k, 1] + 1):
+            for j in range(box[k, 2], box[k, 3] + 1):
+                if lab[i, j] == k:
+                    out[i, j] = lut[k]
+
+
+def _renumber_values(vals: np.ndarray) -> np.ndarray:
+    """:func:`renumber` of the label values of a pixel list."""
+    return renumber(vals)
+
+
+def _remove_small_values(vals: np.ndarray, min_size: int) -> np.ndarray:
+    """:func:`remove_small` of the label values of a pixel list."""
+    if min_size <= 0 or vals.size == 0 or vals.max() == 0:
+        return vals
+    counts = np.bincount(vals)
+    small = counts < min_size
+    small[0] = False
+    if small.any():
+        vals = np.where(small[vals], 0, vals).astype(vals.dtype)
+        vals = renumber(vals)
+    return vals
+
+
+def masks_from_end_points(
+    final: np.ndarray, start: tuple[np.ndarray, np.ndarray], flows: np.ndarray,
+    shape: tuple[int, int], flow_threshold: float | None = 0.4, min_size: int = 15,
+    max_size_fraction: float = 0.4,
+) -> np.ndarray:
+    """The labels :func:`flows_to_masks` makes from followed pixels, in work proportional to
+    the foreground: :func:`cluster_end_points`, the flow-error check and
+    :func:`fill_holes_and_remove_small`, on the pixel list (row-major, as ``start``)."""
+    ly, lx = shape
+    ys, xs = start
+    py, px, h = _histogram(final, ly, lx)
+    sy, sx = _seeds(h, py, px)
+    if sy.size == 0:
+        return np.zeros(shape, np.uint32)
+    rowmajor = np.argsort(sy * h.shape[1] + sx)  # the order np.nonzero gives
+    sy, sx = sy[rowmajor], sx[rowmajor]
+    order = np.argsort(h[sy, sx], kind="stable")
+    M = _grow_seeds(h, sy[order], sx[order])
+    vals = _gather(M, py, px)
+    del M, h
+    counts = np.bincount(vals)
+    too_big = counts > ly * lx * max_size_fraction
+    too_big[0] = False
+    if too_big.any():
+        vals[too_big[vals]] = 0
+    vals = _renumber_values(vals)
+    n = int(vals.max())
+    if flow_threshold is not None and flow_threshold > 0 and n > 0:
+        from .heat import _all_objects
+
+        lab = np.zeros(shape, np.int32)
+        _scatter(lab, ys, xs, vals)
+        box = _boxes_of(ys, xs, vals, n)[1:]
+        box[:, 1] += 1  # heat's boxes: exclusive stops
+        box[:, 3] += 1
+        area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+        mflows = np.zeros((2, ly, lx), np.float32)
+        centers = np.zeros((n, 2), np.int64)
+        import numba
+
+        with numba.parallel_chunksize(1):  # as heat.masks_to_flows: largest first
+            _all_objects(lab, box, np.argsort(-area, kind="stable").astype(np.int64), -1,
+                         mflows, centers)
+        errors = _mean_sq_error_list(ys, xs, vals, mflows, np.asarray(flows), n)
+        del mflows, lab
+        bad = np.concatenate([[False], errors > flow_threshold])
+        if bad.any():
+            vals[bad[vals]] = 0
+    vals = _remove_small_values(vals, min_size)
+    n = int(vals.max()) if vals.size else 0
+    out = np.zeros(shape, np.uint32)
+    if n == 0:
+        return out
+    lab = np.zeros(shape, np.int32)
+    _scatter(lab, ys, xs, vals)
+    box = _boxes_of(ys, xs, vals, n)
+    _fill_holes_in_boxes(lab, n, box[:, 0], box[:, 1], box[:, 2], box[:, 3])
+    counts = _count_in_boxes(lab, box, n)  # a fill stays inside its object's box
+    keep = counts > 0
+    if min_size > 0:
+        keep &= counts >= min_size
+    keep[0] = False
+    lut = np.zeros(n + 1, np.uint32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    _relabel_in_boxes(lab, box, lut, out)
+    return out
+
+
 def flows_to_masks(
     flows: np.ndarray,
     cellprob: np.ndarray,
@@ -296,6 +502,7 @@ def flows_to_masks(
     min_size: int = 15,
     max_size_fraction: float = 0.4,
     interp: bool = True,
+    sparse: bool = True,
     **_ignored: object,
 ) -> np.ndarray:
     """Rebuild a label image from a flow field and a cell-probability map.
@@ -322,6 +529,10 @@ def flows_to_masks(
     interp
         Bilinear interpolation of the flows during the dynamics (default); ``False``
         steps with the flow of the pixel a position lies in, as Cellpose's size model does.
+    sparse
+        After following the flows, work on the foreground pixels' list
+        (:func:`masks_from_end_points`, the default); ``False``: the whole-image steps
+        (:func:`cluster_end_points`, ...). The labels are the same.
 
     Returns
     -------
@@ -338,6 +549,9 @@ def flows_to_masks(
     if not inside.any():
         return np.zeros(cellprob.shape, np.uint32)
     final, start = follow_flows(flows, inside, niter=niter, zero_outside=True, interp=interp)
+    if sparse:
+        return masks_from_end_points(final, start, flows, cellprob.shape, flow_threshold,
+                                     min_size, max_size_fraction)
     labels = cluster_end_points(final, start, cellprob.shape, max_size_fraction)
     if flow_threshold is not None and flow_threshold > 0 and labels.max() > 0:
         errors = flow_errors(labels, flows)
