@@ -1,4 +1,5 @@
-"""Sessions: tests (default), lint; against Cellpose 3.1.1.2: parity, bench, golden; bridges later.
+"""Sessions: tests (default), lint; against Cellpose 3.1.1.2: parity, bench, golden; the bridges:
+cellprofiler, napari.
 
 torch is always installed first and pinned (a local CPU wheel): an unpinned torch pulls
 gigabytes of CUDA wheels.
@@ -224,3 +225,23 @@ def cellprofiler(session: nox.Session) -> None:
         session.run("python", "-m", "pip", "uninstall", "-y", "cellplug-cellprofiler")
         session.run("pytest", "tests")
         session.install("--no-deps", "-e", "bridges/cellprofiler")  # back, for the benchmark
+
+
+# napari as measured beside torch 2.13.0 (issue 22), with its Qt 6 backend
+NAPARI = "napari[pyqt6]==0.9.2"
+
+
+@nox.session
+def napari(session: nox.Session) -> None:
+    """The napari plugin (bridges/napari) in a napari viewer: its tests. They need a display
+    with OpenGL: ``xvfb-run -a nox -s napari`` on a server (the apt packages are in .ci/run).
+    """
+    import os
+
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        session.error("no display: run it under Xvfb, `xvfb-run -a nox -s napari`")
+    session.install(TORCH)
+    session.install("-e", ".", "-e", "bridges/napari[test]", NAPARI)
+    with session.chdir("bridges/napari"):
+        session.run("pytest", "-p", "no:cacheprovider", *session.posargs)
+
