@@ -63,8 +63,11 @@ def test_labels_equal_the_torch_path(segmenters, data_dir, stem):
     image = read_image(data_dir / f"{stem}.tif")
     torch_seg, ov_seg = segmenters
     ref = torch_seg.segment(image, diameter=0, precision="fp32")
-    got = ov_seg.segment(image, diameter=0, precision="fp32")
-    assert got.diameter == pytest.approx(ref.diameter, rel=1e-3)
+    if stem == "dsb2018_fluo":  # the size model's passes too (once: they cost 2 passes)
+        got = ov_seg.segment(image, diameter=0, precision="fp32")
+        assert got.diameter == pytest.approx(ref.diameter, rel=1e-3)
+    else:
+        got = ov_seg.segment(image, diameter=ref.diameter, precision="fp32")
     assert float(average_precision(ref.labels, got.labels, [0.5])[0]) >= 0.98
     # float32 on both sides: the same labels, up to a few boundary pixels
     assert (ref.labels == got.labels).mean() >= 0.999
