@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import shlex
 import signal
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,6 +320,40 @@ def _backbone_choice(func: Any) -> Any:
              "backbone's weights); refused when it cannot load the model's weights.")(func)
 
 
+def _scale_options(func: Any) -> Any:
+    """Batches, large images and dask (issue 23; cellplug.batch, cellplug.blockwise)."""
+    options = [
+        click.option("--resume", is_flag=True,
+                     help="Skip images whose outputs all exist (outputs are written all or "
+                          "none, so existing ones are complete)."),
+        click.option("--measure", type=click.Choice(["csv", "parquet"]), default=None,
+                     help="Per-object measurements (area, centroid, bbox, eccentricity, "
+                          "solidity, mean intensity) in <stem>_objects.csv|parquet."),
+        click.option("--summary-csv", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="Write one row per image to this CSV file."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Images segmented at once (dask threads; torch threads are shared "
+                          "out unless --threads is given)."),
+        click.option("--dask-scheduler", default=None, metavar="ADDRESS",
+                     help="Run on this dask.distributed scheduler (tcp://host:8786); each "
+                          "worker loads the model once. Paths must be visible to workers."),
+        click.option("--block-size", type=click.IntRange(min=0), default=0,
+                     help="Segment block-wise in blocks of this many pixels (0: only "
+                          "OME-Zarr inputs and tiled TIFFs above 4096 x 4096 pixels, in "
+                          "blocks of 2048)."),
+        click.option("--halo", type=click.IntRange(min=0), default=None,
+                     help="Pixels of context around each block (default: 4 diameters)."),
+        click.option("--labels-format", type=click.Choice(["tiff", "ome-zarr"]),
+                     default=None,
+                     help="Block-wise labels as a tiled <stem>_masks.tif (default for TIFF "
+                          "inputs) or in OME-Zarr labels/masks (default for OME-Zarr inputs: "
+                          "beside the image; with --out, a new <stem>.ome.zarr)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _plugin_record(segmenter: Any) -> dict[str, Any]:
     """Backbone (and options), decoder and reconstructor used, for summary.json."""
     names = dict(getattr(segmenter, "plugin_names", None) or {})
@@ -381,6 +415,7 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
               help="skip: report a bad image and go on with the others; stop: stop at the first.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_backbone_choice
+@_scale_options
 def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | None,
             selector: str | None, diameter: float, channels: tuple[int, int], invert: bool,
             flow_threshold: float,
@@ -388,7 +423,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             precision: str, augment: bool, batch_size: int, save: tuple[str, ...], as_json: bool,
             threads: int | None, axes: str | None, on_error: str, quiet: bool,
             backbone: str | None = None, backbone_options: tuple[str, ...] = (),
-            reconstructor: str | None = None) -> None:
+            reconstructor: str | None = None, **scale: Any) -> None:
     """Segment images (files or folders) and write <stem>_masks.tif for each.
 
     A bad input is reported on one line and the other images are still segmented (exit
@@ -403,9 +438,13 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
 
     if not diameter >= 0 or diameter == float("inf"):
         raise click.BadParameter("must be a number >= 0", param_hint="--diameter")
-    files, problems = io.collect_images(list(inputs))
+    from . import batch
+
+    large_inputs = [p for p in inputs if batch.is_large_input(p, scale["block_size"])]
+    files, problems = io.collect_images([p for p in inputs if p not in large_inputs])
     writers = _source_writers(save)
-    plans = {path: _output_targets(path, out_dir, save, writers) for path in files}
+    plans = {path: _output_targets(path, out_dir, save, writers, scale["measure"])
+             for path in files}
     _check_unique_outputs(plans)
     opts = SegmentOptions(
         diameter=diameter, channels=_channels(channels), invert=invert,
@@ -421,40 +460,55 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
             raise SystemExit(1)
     failed = len(problems)
     choice_opts = _key_values(backbone_options, "--backbone-option")
+    plugin_args = {"backbone": backbone, "backbone_options": choice_opts,
+                   "reconstructor": reconstructor}
+    workers, address = scale["workers"], scale["dask_scheduler"]
+    if threads is None and (workers > 1 or large_inputs):
+        threads = batch.default_threads(workers)
+    todo = []
+    for path in files:
+        if scale["resume"] and batch.outputs_complete(plans[path]):
+            summary.append({"image": str(path), "status": "skipped",
+                            "masks": str(plans[path][0][1])})
+        else:
+            todo.append(path)
     segmenter = (_segmenter(model_ref, selector, threads, backbone, choice_opts, reconstructor)
-                 if files else None)
-    for path in tqdm(files, desc="segmenting", unit="image", disable=quiet or len(files) < 2):
-        assert segmenter is not None
-        try:
-            image = io.read_image(path, axes=axes)
-            t0 = time.perf_counter()
-            result, choice = _segment_one(segmenter, image, opts)
-            seconds = time.perf_counter() - t0
-            written = _write_outputs(plans[path], image, result, writers, path, opts)
-        except CellplugError as exc:
-            msg = _one_line(exc)
-            if str(path) not in msg:  # e.g. a bad --channels for this image: say which one
-                msg = f"{path}: {msg}"
-            _report_error(exc, f"error: {msg}")
-            summary.append({"image": str(path), "error": msg})
+                 if todo or large_inputs else None)
+    job = batch.FileJob(model_ref, selector, threads, opts, axes, save, scale["measure"],
+                        plugin_args)
+    skipped = len(files) - len(todo)
+    if skipped and not quiet:
+        _report(f"--resume: {skipped} image(s) already done, skipped")
+    bar = tqdm(total=len(todo) + len(large_inputs), desc="segmenting", unit="image",
+               disable=quiet or len(todo) + len(large_inputs) < 2)
+    rows = batch.run_files(job, [(p, plans[p]) for p in todo], segmenter, address, workers)
+    rows = itertools.chain(rows, batch.run_large(job, large_inputs, out_dir, segmenter, scale))
+    for row in rows:
+        bar.update()
+        trace = row.pop("traceback", None)
+        summary.append(row)
+        if "error" in row:
+            if trace and click.get_current_context().find_root().params.get("debug"):
+                click.echo(trace, err=True, nl=False)
+            _report(f"error: {row['error']}")
             failed += 1
             if on_error == "stop":
                 break
-            continue
-        summary.append({"image": str(path), "masks": str(written[0]), "objects": result.n_objects,
-                        "diameter": round(result.diameter, 2), "seconds": round(seconds, 3),
-                        **({"choice": choice.to_dict()} if choice else {}),
-                        "outputs": [str(w) for w in written]})
-        if not quiet and not as_json:
-            chosen = f"; model {choice.model}: {choice.reason}" if choice else ""
-            _report(f"{path}: {result.n_objects} objects "
-                    f"(diameter {result.diameter:.1f} px{chosen}) -> {written[0]}", err=False)
+        elif not quiet and not as_json and row.get("status") != "skipped":
+            choice = row.get("choice")
+            chosen = f"; model {choice['model']}: {choice['reason']}" if choice else ""
+            _report(f"{row['image']}: {row['objects']} objects "
+                    f"(diameter {row['diameter']:.1f} px{chosen}) -> {row['masks']}",
+                    err=False)
+    bar.close()
+    if scale["summary_csv"]:
+        batch.write_summary_csv(scale["summary_csv"], summary)
     if as_json:
         doc = {"model": _model_label(segmenter, model_ref),
                **(_plugin_record(segmenter) if segmenter is not None else {}),
                "images": summary, "failed": failed}
         click.echo(json.dumps(doc, indent=2))
-        done = [Path(e["masks"]) for e in summary if "masks" in e]
+        done = [Path(e["masks"]) for e in summary if "masks" in e and "status" not in e]
         if done:
             target = (out_dir or done[0].parent) / "summary.json"
             try:
@@ -503,15 +557,19 @@ def _model_label(segmenter: Any, model_ref: str | None) -> str | None:
 
 
 def _output_targets(path: Path, out_dir: Path | None, save: tuple[str, ...],
-                    writers: dict[str, Any]) -> list[tuple[str, Path]]:
+                    writers: dict[str, Any], measure: str | None = None
+                    ) -> list[tuple[str, Path]]:
     """(kind, path) of each output of ``path``: the masks first, then each --save kind
-    (``writers``: from :func:`_source_writers`, for the kinds a source writes)."""
+    (``writers``: from :func:`_source_writers`, for the kinds a source writes), then the
+    per-object table of --measure (``<stem>_objects.csv|parquet``)."""
     folder = out_dir or path.parent
     out = [("masks", folder / f"{path.stem}{SUFFIXES['masks']}")]
     for kind in SAVE_CHOICES:
         if kind in save:
             suffix = SUFFIXES.get(kind) or writers[kind].output_suffix
             out.append((kind, folder / f"{path.stem}{suffix}"))
+    if measure:
+        out.append(("measure", folder / f"{path.stem}_objects.{measure}"))
     return out
 
 
@@ -539,7 +597,7 @@ def _check_unique_outputs(plans: dict[Path, list[Path]]) -> None:
 
 
 def _write_outputs(targets: list[tuple[str, Path]], image, result, writers: dict[str, Any],
-                   path: Path, opts: Any) -> list[Path]:
+                   path: Path, opts: Any, extra: dict[str, Any] | None = None) -> list[Path]:
     """Write an image's outputs to ``targets`` (from :func:`_output_targets`): all or none.
 
     An output that existed before is replaced only when every new one is ready, and kept
@@ -561,6 +619,7 @@ def _write_outputs(targets: list[tuple[str, Path]], image, result, writers: dict
         "seg-npy": lambda p: writers["seg-npy"].write(
             p, image, result.labels, flows=result.flows, cellprob=result.cellprob,
             diameter=result.diameter, channels=tuple(opts.channels), filename=str(path)),
+        **(extra or {}),  # e.g. "measure" (cellplug.batch)
     }
     try:
         with io.atomic_paths(paths) as temps:

@@ -1,0 +1,342 @@
+"""Large and many images (issue 23): block-wise agreement with whole-image segmentation,
+dask.distributed, --resume, killed runs, OME-Zarr round trips, the block-merge rules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from cellplug import blockwise
+from cellplug.cli import main
+from cellplug.metrics import iou_matrix
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+DIAMETER = 10.4  # the size model's estimate on dsb2018_fluo.tif, fixed to skip that step
+
+
+@pytest.fixture(scope="module")
+def mosaic() -> np.ndarray:
+    """(200, 240) uint8: the fluorescence crop and mirrored copies, cut at odd places."""
+    a = tifffile.imread(DATA / "dsb2018_fluo.tif")
+    tiled = np.block([[a, a[:, ::-1]], [a[::-1], a[::-1, ::-1]]])
+    return np.ascontiguousarray(tiled[40:240, 30:270])
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    from cellplug.segmenter import Segmenter
+
+    return Segmenter.from_model(None, threads=1)
+
+
+def _opts(**kw):
+    from cellplug.segmenter import SegmentOptions
+
+    return SegmentOptions(diameter=DIAMETER, **kw)
+
+
+def _ap50(a: np.ndarray, b: np.ndarray) -> float:
+    iou = iou_matrix(a, b)
+    tp = int((iou >= 0.5).sum())
+    return tp / (iou.shape[0] + iou.shape[1] - tp)
+
+
+def _cut(labels: np.ndarray, whole: np.ndarray, block: int) -> int:
+    """Whole-image objects crossing a block boundary line whose best block-wise match does
+    not cross it (ends at the line)."""
+    iou = iou_matrix(whole, labels)
+    ids_w, ids_b = np.unique(whole[whole > 0]), np.unique(labels[labels > 0])
+    cut = 0
+    for axis in (0, 1):
+        for k in range(block, whole.shape[axis], block):
+            bw, aw = np.take(whole, k - 1, axis), np.take(whole, k, axis)
+            bl, al = np.take(labels, k - 1, axis), np.take(labels, k, axis)
+            crossing_b = set(bl[(bl == al) & (bl > 0)].tolist())
+            for w in set(bw[(bw == aw) & (bw > 0)].tolist()):
+                row = iou[np.searchsorted(ids_w, w)]
+                if row.max() >= 0.5 and ids_b[row.argmax()] not in crossing_b:
+                    cut += 1
+    return cut
+
+
+@pytest.fixture(scope="module")
+def blocks96(mosaic, segmenter) -> np.ndarray:
+    """Block-wise labels of the mosaic in 3 x 3 blocks of 96 (halo 48), sync scheduler."""
+    return blockwise.segment_blockwise(mosaic, segmenter, _opts(), block=96, scheduler="sync")
+
+
+# -- block-wise vs whole image ---------------------------------------------------------------
+def test_blockwise_agrees_with_whole_image(mosaic, segmenter, blocks96):
+    whole = segmenter.segment(mosaic, _opts()).labels
+    results = {}
+    for block in (96, 128):  # 3 x 3 and 2 x 2 blocks of a 200 x 240 image, halo 48
+        res = blocks96 if block == 96 else blockwise.segment_blockwise(
+            mosaic, segmenter, _opts(), block=block, scheduler="sync")
+        labels = res.labels
+        assert labels.dtype == np.uint32 and labels.shape == mosaic.shape
+        assert res.n_objects == len(np.unique(labels)) - 1  # ids 1..N, all present
+        assert set(np.unique(labels)) == set(range(res.n_objects + 1))
+        assert res.n_candidates > res.n_objects  # crossing objects were seen twice
+        assert _ap50(whole, labels) >= 0.97, block
+        assert _cut(labels, whole, block) == 0, block
+        results[block] = labels
+    # where the blocks fall does not matter either
+    assert _ap50(results[96], results[128]) >= 0.97
+
+
+def test_blockwise_threads_scheduler_and_zarr_output(mosaic, segmenter, blocks96, tmp_path):
+    res = blockwise.segment_blockwise(mosaic, segmenter, _opts(), block=96,
+                                      out=tmp_path / "labels.zarr", scheduler="threads")
+    np.testing.assert_array_equal(np.asarray(res.labels[:]), blocks96.labels)
+
+
+def test_decide_keeps_the_version_with_more_context():
+    """Two blocks saw the same object (80 % overlap): the one with more context stays; a
+    barely overlapping neighbour stays too, painted below the winner."""
+    a = blockwise.Candidates((0, 0), area=np.array([100.0, 50.0]), cy=np.array([10.0, 40.0]),
+                             cx=np.array([60.0, 20.0]), score=np.array([30.0, 80.0]))
+    b = blockwise.Candidates((0, 1), area=np.array([90.0, 60.0]), cy=np.array([10.5, 12.0]),
+                             cx=np.array([61.0, 75.0]), score=np.array([50.0, 70.0]))
+    pairs = {(0, 1): np.array([[1, 1, 80], [1, 2, 5]])}
+    luts, prios, n = blockwise.decide([a, b], pairs)
+    assert n == 3
+    assert luts[0][1] == 0 and luts[1][1] > 0  # a's object 1 had less context than b's
+    assert luts[0][2] > 0 and luts[1][2] > 0
+    assert prios[1][2] < prios[1][1]  # b2 (score 70) above b1 (score 50)
+    assert sorted([luts[0][2], luts[1][1], luts[1][2]]) == [1, 2, 3]
+    assert luts[1][1] < luts[1][2] and luts[0][2] == 3  # raster order of centroids
+
+
+def test_layout_covers_the_image_once():
+    lay = blockwise.BlockLayout((300, 500), 128, 40)
+    seen = np.zeros((300, 500), int)
+    for b in lay.blocks():
+        y0, y1, x0, x1 = lay.core(*b)
+        seen[y0:y1, x0:x1] += 1
+        e = lay.extended(*b)
+        assert e[0] == max(0, y0 - 40) and e[3] == min(500, x1 + 40)
+    assert (seen == 1).all() and lay.grid == (3, 4)
+    assert (1, 1) in lay.neighbours(0, 0) and (2, 3) not in lay.neighbours(0, 0)
+
+
+# -- dask.distributed ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_local_cluster_gives_the_same_labels(mosaic, segmenter, blocks96, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    img = tmp_path / "in" / "mosaic.tif"
+    img.parent.mkdir()
+    tifffile.imwrite(img, mosaic, tile=(64, 64), metadata={"axes": "YX"})
+    fluo = tifffile.imread(DATA / "dsb2018_fluo.tif")
+    tifffile.imwrite(img.parent / "fluo.tif", fluo, metadata={"axes": "YX"})
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        # block-wise: the model goes to the workers by name; each loads it once
+        from cellplug.lazy import open_image
+
+        res = blockwise.segment_blockwise(open_image(img), None, _opts(), block=96,
+                                          scheduler=cluster.scheduler_address, threads=1,
+                                          scratch_dir=tmp_path)
+        np.testing.assert_array_equal(res.labels, blocks96.labels)
+        # a batch: one task per image
+        r = CliRunner().invoke(main, ["segment", str(img.parent), "--diameter", str(DIAMETER),
+                                      "--threads", "1", "-q", "--out", str(tmp_path / "out"),
+                                      "--dask-scheduler", cluster.scheduler_address])
+        assert r.exit_code == 0, r.output
+    for name, image in (("mosaic_masks.tif", mosaic), ("fluo_masks.tif", fluo)):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / name),
+                                      segmenter.segment(image, _opts()).labels)
+
+
+# -- batches ----------------------------------------------------------------------------------
+def _inputs(folder: Path, n: int = 3) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    a = tifffile.imread(DATA / "dsb2018_fluo.tif")
+    paths = []
+    for k in range(n):
+        p = folder / f"img{k}.tif"
+        tifffile.imwrite(p, np.rot90(a, k).copy(), metadata={"axes": "YX"})
+        paths.append(p)
+    return paths
+
+
+def test_resume_skips_finished_images_and_measures(tmp_path):
+    _inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "in"), "--out", str(out), "--diameter", str(DIAMETER),
+            "--measure", "csv", "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (out / "img1_masks.tif").unlink()  # as if the run had stopped before img1
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = CliRunner().invoke(main, [*args, "--resume", "--summary-csv", str(out / "s.csv")])
+    assert r.exit_code == 0, r.output
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert after["img0_masks.tif"] == before["img0_masks.tif"]
+    assert after["img2_objects.csv"] == before["img2_objects.csv"]
+    assert after["img1_objects.csv"] != before["img1_objects.csv"]  # redone, both outputs
+    rows = (out / "s.csv").read_text().splitlines()
+    assert rows[0].startswith("image,status,objects")
+    status = {Path(r.split(",")[0]).name: r.split(",")[1] for r in rows[1:]}
+    assert status == {"img0.tif": "skipped", "img1.tif": "ok", "img2.tif": "skipped"}
+    table = (out / "img1_objects.csv").read_text().splitlines()
+    assert table[0].split(",")[:3] == ["label", "area", "centroid-0"]
+    assert "solidity" in table[0] and "intensity_mean-0" in table[0]
+    labels = tifffile.imread(out / "img1_masks.tif")
+    assert len(table) - 1 == labels.max()
+
+
+def _cellplug() -> list[str]:
+    return [sys.executable, "-c", "from cellplug.cli import main; main()"]
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_no_half_written_output(tmp_path):
+    """SIGKILL (no handler runs) while outputs are being written: every output present is
+    complete, and --resume finishes the rest."""
+    _inputs(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    cmd = [*_cellplug(), "segment", str(tmp_path / "in"), "--out", str(out), "--diameter",
+           str(DIAMETER), "--save", "flows", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(out.glob("*_masks.tif")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name[: -len("_masks.tif")] for p in out.glob("*_masks.tif"))
+    assert 1 <= len(finished) < 4
+    for stem in finished:  # both outputs of an image, or neither; each readable
+        assert tifffile.imread(out / f"{stem}_masks.tif").max() > 0
+        assert tifffile.imread(out / f"{stem}_flows.tif").shape[0] == 2
+    visible = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    assert len(visible) == 2 * len(finished)  # anything else is a hidden temporary file
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(list(out.glob("*_masks.tif"))) == 4
+
+
+@pytest.mark.slow
+def test_killed_blockwise_run_leaves_no_labels(tmp_path, mosaic):
+    src = tmp_path / "big.tif"
+    tifffile.imwrite(src, mosaic, tile=(64, 64), metadata={"axes": "YX"})
+    cmd = [*_cellplug(), "segment", str(src), "--out", str(tmp_path / "out"), "--diameter",
+           str(DIAMETER), "--block-size", "64", "--labels-format", "ome-zarr", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "out").glob(".big*partial*")):
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out" / "big.ome.zarr").exists()
+
+
+# -- OME-Zarr --------------------------------------------------------------------------------
+@pytest.fixture(params=["0.4", "0.5"])
+def ome_image(request, tmp_path, mosaic) -> Path:
+    """An OME-Zarr image written by ome-zarr's own writer, in NGFF 0.4 or 0.5."""
+    zarr = pytest.importorskip("zarr")
+    fmt = pytest.importorskip("ome_zarr.format")
+    from ome_zarr.writer import write_image
+
+    path = tmp_path / "img.ome.zarr"
+    v04 = request.param == "0.4"
+    group = zarr.open_group(str(path), mode="w", zarr_format=2 if v04 else 3)
+    write_image(mosaic, group, axes="yx", scale_factors=(),
+                fmt=fmt.FormatV04() if v04 else fmt.FormatV05())
+    return path
+
+
+def _ome_nodes(path: Path) -> list:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    return list(Reader(parse_url(str(path)))())
+
+
+def test_ome_zarr_round_trip(ome_image, blocks96, request):
+    """cellplug segment IMG.ome.zarr writes labels/masks beside the image; ome-zarr's reader
+    finds the image and the labels, and they are the block-wise result."""
+    args = ["segment", str(ome_image), "--diameter", str(DIAMETER), "--threads", "1", "-q"]
+    r = CliRunner().invoke(main, [*args, "--block-size", "96"])
+    assert r.exit_code == 0, r.output
+    nodes = _ome_nodes(ome_image)
+    specs = {type(s).__name__ for n in nodes for s in n.specs}
+    assert {"Multiscales", "Labels", "Label"} <= specs
+    label = next(n for n in nodes if any(type(s).__name__ == "Label" for s in n.specs))
+    got = np.asarray(label.data[0])
+    assert got.shape == tuple(nodes[0].data[0].shape)  # the image is the first node
+    np.testing.assert_array_equal(got, blocks96.labels)
+    if request.node.callspec.params["ome_image"] == "0.4":  # again: replaced in place
+        r = CliRunner().invoke(main, [*args, "--block-size", "128"])
+        assert r.exit_code == 0, r.output
+        from cellplug.lazy import ngff_attrs
+
+        assert ngff_attrs(ome_image / "labels")["labels"] == ["masks"]
+        assert not [p for p in (ome_image / "labels").iterdir() if p.name.startswith(".m")]
+
+
+def test_tiff_to_new_ome_zarr_and_tiled_tiff(tmp_path, mosaic):
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, mosaic, tile=(64, 64), metadata={"axes": "YX"})
+    base = ["segment", str(src), "--out", str(tmp_path / "out"), "--diameter", str(DIAMETER),
+            "--block-size", "96", "--threads", "1", "-q"]
+    assert CliRunner().invoke(main, base).exit_code == 0
+    assert CliRunner().invoke(main, [*base, "--labels-format", "ome-zarr"]).exit_code == 0
+    tiff = tifffile.imread(tmp_path / "out" / "in_masks.tif")
+    with tifffile.TiffFile(tmp_path / "out" / "in_masks.tif") as tf:
+        assert tf.pages[0].is_tiled
+    nodes = _ome_nodes(tmp_path / "out" / "in.ome.zarr")
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), mosaic)  # the image, copied
+    label = next(n for n in nodes if any(type(s).__name__ == "Label" for s in n.specs))
+    np.testing.assert_array_equal(np.asarray(label.data[0]), tiff)
+
+
+def test_napari_reads_the_labels(tmp_path, mosaic):
+    """napari's OME-Zarr reader (napari-ome-zarr) opens the image and its labels."""
+    pytest.importorskip("napari", reason="napari is not installed in this environment "
+                                         "(nox -s scale installs it and runs this test)")
+    reader_mod = pytest.importorskip("napari_ome_zarr", reason="napari-ome-zarr is not "
+                                     "installed (nox -s scale installs it)")
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, mosaic, metadata={"axes": "YX"})
+    r = CliRunner().invoke(main, ["segment", str(src), "--out", str(tmp_path), "--diameter",
+                                  str(DIAMETER), "--block-size", "96", "--labels-format",
+                                  "ome-zarr", "-q"])
+    assert r.exit_code == 0, r.output
+    reader = reader_mod.napari_get_reader(str(tmp_path / "in.ome.zarr"))
+    assert reader is not None
+    layers = reader(str(tmp_path / "in.ome.zarr"))
+    kinds = [layer[2] if len(layer) > 2 else "image" for layer in layers]
+    assert "labels" in kinds and "image" in kinds
+    data = next(layer[0] for layer, kind in zip(layers, kinds, strict=True) if kind == "labels")
+    data = data[0] if isinstance(data, list) else data
+    assert np.asarray(data).shape == mosaic.shape and np.asarray(data).max() > 0
+
+
+# -- lazy reading ----------------------------------------------------------------------------
+def test_lazy_tiff_windows_in_yxc_order(tmp_path):
+    from cellplug.errors import InputError
+    from cellplug.lazy import open_image
+
+    data = np.arange(2 * 300 * 200, dtype=np.uint16).reshape(2, 300, 200)
+    tifffile.imwrite(tmp_path / "cyx.tif", data, tile=(64, 64), metadata={"axes": "CYX"})
+    img = open_image(tmp_path / "cyx.tif")
+    assert img.shape == (300, 200, 2)
+    np.testing.assert_array_equal(img[10:50, 100:180], np.moveaxis(data, 0, -1)[10:50, 100:180])
+    np.testing.assert_array_equal(img[::7, ::5], np.moveaxis(data, 0, -1)[::7, ::5])
+    tifffile.imwrite(tmp_path / "zyx.tif", data[:, :40, :40].repeat(5, 0),
+                     metadata={"axes": "ZYX"})
+    with pytest.raises(InputError, match="stack"):
+        open_image(tmp_path / "zyx.tif")
+    import pickle
+
+    assert pickle.loads(pickle.dumps(img))[0:2, 0:2].shape == (2, 2, 2)
