@@ -245,3 +245,19 @@ def napari(session: nox.Session) -> None:
     with session.chdir("bridges/napari"):
         session.run("pytest", "-p", "no:cacheprovider", *session.posargs)
 
+
+# ImageJ 1.53 from Debian (libij-java; Maven, and so Fiji's jars, are out of reach here), run
+# under Xvfb: `.ci/run` installs libij-java, xvfb and xauth with apt.
+FIJI_TEST_DEPS = ("JPype1==1.7.1",)
+
+
+@nox.session
+def fiji(session: nox.Session) -> None:
+    """The Fiji / ImageJ bridge (bridges/fiji) against the real ImageJ 1.x under Xvfb: both
+    ways in (in-process through JPype, standalone macros through the CLI), a few minutes."""
+    session.install(TORCH)
+    session.install("-e", ".", "-e", "bridges/fiji[test]", *FIJI_TEST_DEPS)
+    env = {"CELLPLUG_FIJI_REQUIRE": "1"}  # a missing ImageJ or display fails, never skips
+    with session.chdir("bridges/fiji"):
+        session.run("xvfb-run", "-a", "-s", "-screen 0 1280x800x24", "python", "-m", "pytest",
+                    "-p", "no:cacheprovider", *session.posargs, external=True, env=env)
