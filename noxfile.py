@@ -261,3 +261,20 @@ def fiji(session: nox.Session) -> None:
     with session.chdir("bridges/fiji"):
         session.run("xvfb-run", "-a", "-s", "-screen 0 1280x800x24", "python", "-m", "pytest",
                     "-p", "no:cacheprovider", *session.posargs, external=True, env=env)
+
+
+@nox.session
+def scale(session: nox.Session) -> None:
+    """Large images and many images (issue 23; needs ../shared/data for the benchmarks):
+    the OME-Zarr round trip through napari's reader (napari + napari-ome-zarr, not in the
+    default run), then benchmarks/scale.py's seams (8192² mosaic, block-wise vs whole image),
+    memory (2048² -> 16384²) and throughput (200 images of 512²), results in
+    benchmarks/results/scale_*.{json,md}. About an hour on 2 cores: run it under the heavy
+    lock. After ``--``: one part and its options, e.g. ``-- seams --size 4096``."""
+    install_cellplug(session, "test", "scale")
+    session.install("napari", "napari-ome-zarr")
+    if not session.posargs:
+        session.run("pytest", "-q", "-rs", "tests/cellplug/test_scale.py", "-k", "napari")
+    parts = [session.posargs] if session.posargs else [["seams"], ["memory"], ["throughput"]]
+    for part in parts:
+        session.run("python", "benchmarks/scale.py", *part)
