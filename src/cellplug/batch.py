@@ -113,6 +113,46 @@ class FileJob:
     save: tuple[str, ...]
     measure: str | None = None
     plugins: dict[str, Any] = field(default_factory=dict)
+    stack: bool = False
+    stitch_threshold: float = 0.0
+
+
+def read_input(job: FileJob, path: Path) -> Any:
+    """The image of ``path`` (Y, X[, C]), or with ``job.stack`` a (stack, leading axes)
+    pair from :func:`cellplug.stacks.read_stack`."""
+    from . import io
+
+    if job.stack:
+        from .stacks import read_stack
+
+        return read_stack(path, axes=job.axes)
+    return io.read_image(path, axes=job.axes)
+
+
+def _segment_stack_file(job: FileJob, seg: Any, path: Path, targets: list[tuple[str, Path]],
+                        stack: np.ndarray, lead: str) -> dict[str, Any]:
+    from . import io
+    from .selection import AutoSegmenter
+    from .stacks import segment_stack
+
+    if isinstance(seg, AutoSegmenter):
+        raise CellplugError("--model auto is not available for stacks; give a model")
+    if len(targets) > 1:
+        raise CellplugError("--save and --measure are not available for stacks (only the "
+                            "labels are written)")
+    t0 = time.perf_counter()
+    labels, diameter = segment_stack(seg, stack, lead, job.opts, job.stitch_threshold)
+    seconds = time.perf_counter() - t0
+    target = targets[0][1]
+    try:
+        io.write_tiff(target, labels.astype(io.labels_dtype(labels), copy=False),
+                      lead + "YX")
+    except OSError as exc:
+        raise CellplugError(f"cannot write {target} ({exc.strerror or exc})") from None
+    n = int(len(np.unique(labels)) - 1)
+    return {"image": str(path), "masks": str(target), "objects": n,
+            "diameter": round(diameter, 2), "seconds": round(seconds, 3), "axes": lead + "YX",
+            "outputs": [str(target)]}
 
 
 def segment_file(job: FileJob, path: Path, targets: list[tuple[str, Path]],
@@ -120,13 +160,17 @@ def segment_file(job: FileJob, path: Path, targets: list[tuple[str, Path]],
     """Read (unless ``image`` is given), segment and write one image; the summary row
     (``error`` set when the image failed: a :class:`CellplugError`, one line).
     ``segmenter``: default, this process's :func:`worker_segmenter` for ``job``."""
-    from . import cli, io
+    from . import cli
 
     try:
         seg = segmenter or worker_segmenter(job.model_ref, job.selector, job.threads,
                                             **job.plugins)
         if image is None:
-            image = io.read_image(path, axes=job.axes)
+            image = read_input(job, path)
+        if job.stack:
+            image, lead = image
+            if lead:
+                return _segment_stack_file(job, seg, path, targets, image, lead)
         t0 = time.perf_counter()
         result, choice = cli._segment_one(seg, image, job.opts)
         seconds = time.perf_counter() - t0
@@ -180,14 +224,12 @@ def run_files(job: FileJob, items: Sequence[tuple[Path, list[tuple[str, Path]]]]
     while the current one is segmented. Otherwise dask tasks (:func:`run_on_dask`), rows in
     the order images finish.
     """
-    from . import io
-
     if not items:
         return
     if scheduler is None and workers <= 1:
         targets = dict(items)
         for path, image, error in read_ahead([p for p, _ in items],
-                                             lambda p: io.read_image(p, axes=job.axes)):
+                                             lambda p: read_input(job, p)):
             if error is not None:
                 yield _error_row(path, error)
                 continue

@@ -341,6 +341,13 @@ def _scale_options(func: Any) -> Any:
                      help="Segment block-wise in blocks of this many pixels (0: only "
                           "OME-Zarr inputs and tiled TIFFs above 4096 x 4096 pixels, in "
                           "blocks of 2048)."),
+        click.option("--stack", is_flag=True,
+                     help="Segment z-stacks and time series plane by plane (axes from the "
+                          "file or --axes; labels saved with the same T/Z axes)."),
+        click.option("--stitch-threshold", type=click.FloatRange(0, 1), default=0.0,
+                     show_default=True,
+                     help="With --stack: link objects of consecutive z planes whose IoU is "
+                          "at least this (3-D objects, as Cellpose's stitch_threshold)."),
         click.option("--halo", type=click.IntRange(min=0), default=None,
                      help="Pixels of context around each block (default: 4 diameters)."),
         click.option("--labels-format", type=click.Choice(["tiff", "ome-zarr"]),
@@ -475,7 +482,7 @@ def segment(inputs: tuple[Path, ...], out_dir: Path | None, model_ref: str | Non
     segmenter = (_segmenter(model_ref, selector, threads, backbone, choice_opts, reconstructor)
                  if todo or large_inputs else None)
     job = batch.FileJob(model_ref, selector, threads, opts, axes, save, scale["measure"],
-                        plugin_args)
+                        plugin_args, scale["stack"], scale["stitch_threshold"])
     skipped = len(files) - len(todo)
     if skipped and not quiet:
         _report(f"--resume: {skipped} image(s) already done, skipped")

@@ -340,3 +340,31 @@ def test_lazy_tiff_windows_in_yxc_order(tmp_path):
     import pickle
 
     assert pickle.loads(pickle.dumps(img))[0:2, 0:2].shape == (2, 2, 2)
+
+
+# -- stacks ------------------------------------------------------------------------------------
+def test_zstack_planes_and_stitching(tmp_path):
+    a = tifffile.imread(DATA / "dsb2018_fluo.tif")
+    stack = np.stack([np.roll(a, k, axis=1) for k in range(3)])  # objects move 1 px per plane
+    tifffile.imwrite(tmp_path / "z.tif", stack, metadata={"axes": "ZYX"})
+    hyper = np.stack([stack[:2, :80, :80], stack[1:, :80, :80]])[:, :, None]  # T, Z, C, Y, X
+    tifffile.imwrite(tmp_path / "tz.tif", hyper, imagej=True, metadata={"axes": "TZCYX"})
+    base = ["segment", "--diameter", str(DIAMETER), "--stack", "-q"]
+    r = CliRunner().invoke(main, [*base, str(tmp_path / "z.tif"), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    planes = tifffile.imread(tmp_path / "a" / "z_masks.tif")
+    with tifffile.TiffFile(tmp_path / "a" / "z_masks.tif") as tf:
+        assert tf.series[0].axes == "ZYX"
+    per_plane = [len(np.unique(p)) - 1 for p in planes]
+    assert len(np.unique(planes)) - 1 == sum(per_plane)  # ids numbered through the stack
+    r = CliRunner().invoke(main, [*base, str(tmp_path / "z.tif"), str(tmp_path / "tz.tif"),
+                                  "--stitch-threshold", "0.5", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    stitched = tifffile.imread(tmp_path / "b" / "z_masks.tif")
+    assert ((stitched > 0) == (planes > 0)).all()
+    n = len(np.unique(stitched)) - 1
+    assert max(per_plane) <= n <= 1.1 * max(per_plane)  # objects linked through z
+    ids0 = set(np.unique(stitched[0])) - {0}
+    assert len(ids0 & set(np.unique(stitched[2]))) >= 0.9 * len(ids0)
+    tz = tifffile.imread(tmp_path / "b" / "tz_masks.tif")
+    assert tz.shape == (2, 2, 80, 80) and tz.max() > 0
