@@ -442,6 +442,9 @@ def with_backbone(
     factory = registry.get("backbone", name)
     meta = dict(info.metadata)
     opts = dict(meta.get("backbone_options") or {})
+    current = registry.get("backbone", info.backbone)
+    if is_runtime_backbone(current):  # saved with a runtime backbone: the weights are base's
+        own = str(opts.get("base") or _default_option(current, "base") or own)
     if name != info.backbone:
         if is_runtime_backbone(factory):
             if not runs_backbone(factory, own, registry):

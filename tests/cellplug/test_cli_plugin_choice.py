@@ -133,3 +133,34 @@ def test_with_backbone_keeps_the_weights_layout():
     assert same.backbone == "cellpose-unet" and same.metadata["backbone_options"]["nbase"]
     assert info.metadata.get("backbone_options", {}).get("nbase") is None  # not mutated
     assert np.isclose(same.diam_mean, info.diam_mean)
+
+
+def test_from_a_runtime_backbone_back_to_its_torch_base(tmp_path):
+    """A model saved with a runtime backbone (its base in backbone_options) runs again with
+    the torch backbone its weights are for."""
+    from cellplug import hookimpl
+    from cellplug.models import ModelInfo, with_backbone
+    from cellplug.plugins import PluginRegistry
+
+    def build(n_channels=2, n_outputs=3, *, base="cellpose-unet", **options):
+        raise AssertionError("not built here")
+
+    build.runs = "*"
+    build.inference_only = True
+
+    class Plugin:
+        @hookimpl
+        def register_backbones(self, register):
+            register("fast", build)
+
+    registry = PluginRegistry()
+    registry.load_entry_points()
+    assert registry.add_module(Plugin(), "fast-plugin").ok
+    info = ModelInfo("m", tmp_path / "m.pth", {"backbone": "fast", "backbone_options": {
+        "base": "example-tiny", "n_style": 4}})
+    back = with_backbone(info, "example-tiny", None, registry)
+    assert back.backbone == "example-tiny"
+    assert back.metadata["backbone_options"] == {"n_style": 4}
+    assert back.metadata["weights_backbone"] == "example-tiny"
+    again = with_backbone(back, "fast", None, registry)
+    assert again.metadata["backbone_options"]["base"] == "example-tiny"
