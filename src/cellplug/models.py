@@ -442,9 +442,14 @@ def with_backbone(
     factory = registry.get("backbone", name)
     meta = dict(info.metadata)
     opts = dict(meta.get("backbone_options") or {})
-    current = registry.get("backbone", info.backbone)
-    if is_runtime_backbone(current):  # saved with a runtime backbone: the weights are base's
+    try:
+        current = registry.get("backbone", info.backbone)
+    except CellplugError:  # e.g. saved with a runtime backbone that is not installed here
+        current = None
+    if current is not None and is_runtime_backbone(current):  # the weights are base's
         own = str(opts.get("base") or _default_option(current, "base") or own)
+    elif current is None and opts.get("base"):
+        own = str(opts["base"])
     if name != info.backbone:
         if is_runtime_backbone(factory):
             if not runs_backbone(factory, own, registry):
@@ -455,7 +460,7 @@ def with_backbone(
                     f"{'any torch backbone' if runs == '*' else ', '.join(runs)}"
                 )
             opts["base"] = own
-        elif is_runtime_backbone(registry.get("backbone", info.backbone)):
+        elif current is None or is_runtime_backbone(current):
             opts.pop("base", None)  # back from a runtime backbone to a torch one
         meta["weights_backbone"] = own
     opts.update(options or {})
