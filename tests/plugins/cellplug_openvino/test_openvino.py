@@ -173,3 +173,24 @@ def test_training_falls_back_to_the_torch_base(tmp_path, data_dir):
                                     "--backbone", "openvino", "--backbone-option",
                                     "precision=f32", "--epochs", "1"])
     assert bad.exit_code == 2 and "options of 'openvino' at run time" in bad.output
+
+
+def test_precision_follows_bf16_autocast_and_bad_options_are_refused(tmp_path):
+    import torch
+
+    from cellplug.testing import build_backbone
+
+    net = build_backbone(_small_net(tmp_path))
+    x = torch.rand(1, 2, 32, 32)
+    with torch.inference_mode():
+        f32 = net(x)[0].clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what --precision bf16 does
+            assert runtime.runner_of(net).resolved_precision() == "bf16"
+            bf16 = net(x)[0]
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    torch.testing.assert_close(bf16, f32, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="precision must be"):
+        build_backbone(Subject("backbone", "openvino", {"base": "example-tiny",
+                                                        "precision": "fp16"}))
+    with pytest.raises(ValueError, match="runtime backbone"):
+        build_backbone(Subject("backbone", "openvino", {"base": "openvino"}))
