@@ -300,7 +300,8 @@ def _markdown(doc: dict) -> str:
         "",
         f"- date: {doc['date']}; machine: {m.get('cpu_model') or m.get('cpu')}, "
         f"{m['logical_cpus']} logical CPUs; load average {doc['load_average_start']} at "
-        f"start, {doc['load_average_end']} at end (run under the shared benchmark lock)",
+        f"start, {doc['load_average_end']} at end (seconds are only meaningful on an "
+        f"otherwise idle machine: run it under the shared benchmark lock)",
         f"- versions: {doc['versions']}",
         f"- settings: {doc['settings']}",
         "- process: worker process creation to masks written (imports, model load, image "
