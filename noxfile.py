@@ -37,7 +37,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "src", "plugins", "tests", "benchmarks", "training", "bridges",
-                "noxfile.py")
+                "docs/scripts", "noxfile.py")
 
 
 @nox.session
