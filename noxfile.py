@@ -272,7 +272,7 @@ def scale(session: nox.Session) -> None:
     benchmarks/results/scale_*.{json,md}. About an hour on 2 cores: run it under the heavy
     lock. After ``--``: one part and its options, e.g. ``-- seams --size 4096``."""
     install_cellplug(session, "test", "scale")
-    session.install("napari", "napari-ome-zarr")
+    session.install("napari==0.9.2", "napari-ome-zarr==0.10.0")
     if not session.posargs:
         session.run("pytest", "-q", "-rs", "tests/cellplug/test_scale.py", "-k", "napari")
     parts = [session.posargs] if session.posargs else [["seams"], ["memory"], ["throughput"]]

@@ -407,6 +407,12 @@ class BlockwiseResult:
     n_candidates: int
 
 
+def _is_local(scheduler: Any) -> bool:
+    """Whether ``scheduler`` runs tasks in this process (threads or synchronously)."""
+    return scheduler is None or scheduler in ("threads", "sync", "synchronous",
+                                              "single-threaded")
+
+
 def _compute(tasks: list[Any], scheduler: Any) -> list[Any]:
     import dask
 
@@ -466,6 +472,9 @@ def segment_blockwise(
     require_scale()
     opts = opts or SegmentOptions()
     if isinstance(model, Segmenter):
+        if not _is_local(scheduler):
+            raise CellplugError("a built Segmenter runs only on the threaded or synchronous "
+                                "scheduler; pass the model's name or path for other workers")
         seg = model
         model_ref: str | None = register_segmenter(model)
     else:
@@ -502,11 +511,14 @@ def _run(job: BlockJob, out: Any, scheduler: Any) -> BlockwiseResult:
     lay = job.layout
     blocks = lay.blocks()
     index = {b: k for k, b in enumerate(blocks)}
-    cands = _compute([dask.delayed(segment_block)(job, *b) for b in blocks], scheduler)
+    local = _is_local(scheduler)
+    # shared arguments as one graph key each (sent once per worker, not once per task)
+    jd = job if local else dask.delayed(job, traverse=False)
+    cands = _compute([dask.delayed(segment_block)(jd, *b) for b in blocks], scheduler)
     pair_keys = sorted({(index[a], index[b]) for a in blocks for b in lay.neighbours(*a)
                         if index[a] < index[b] and cands[index[a]].area.size
                         and cands[index[b]].area.size})
-    rows = _compute([dask.delayed(block_overlaps)(job, blocks[a], blocks[b])
+    rows = _compute([dask.delayed(block_overlaps)(jd, blocks[a], blocks[b])
                      for a, b in pair_keys], scheduler)
     luts_l, prios_l, n = decide(cands, dict(zip(pair_keys, rows, strict=True)))
     luts = {b: luts_l[k] for b, k in index.items()}
@@ -522,8 +534,9 @@ def _run(job: BlockJob, out: Any, scheduler: Any) -> BlockwiseResult:
         if isinstance(out, str | os.PathLike):
             target = create_labels_array(out, lay.shape, lay.block)
         where = str(target.store.root / target.path) if _is_local_zarr(target) else target
-        _compute([dask.delayed(write_core)(job, *b, luts, prios, where) for b in blocks],
-                 scheduler)
+        ld, pd = ((luts, prios) if local else
+                  (dask.delayed(luts, traverse=False), dask.delayed(prios, traverse=False)))
+        _compute([dask.delayed(write_core)(jd, *b, ld, pd, where) for b in blocks], scheduler)
         result = target
     return BlockwiseResult(result, n, job.diameter, lay, sum(c.area.size for c in cands))
 

@@ -141,6 +141,11 @@ def labels_into(
         return final
     if image is None:
         raise ValueError(f"{container} is not an OME-Zarr image; give the image to copy")
+    if container.exists():
+        from .errors import CellplugError
+
+        raise CellplugError(f"{container} exists and is not an OME-Zarr image (no "
+                            f"multiscales); give another --out folder (nothing was written)")
     container.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{container.name}.partial-", dir=container.parent))
     try:
