@@ -34,13 +34,18 @@ IJ.getInstance().quit()
 
 
 def test_xarray_dims_map_to_tzyxc():
-    xr = pytest.importorskip("xarray")
+    """pyimagej's dimension names (an xarray's .dims and .values; a stand-in here, xarray
+    itself comes with the [fiji] extra) reorder to (T, Z, Y, X, C), pixel type unchanged."""
+    from types import SimpleNamespace
+
     from cellplug_fiji.fiji import xarray_to_tzyxc
 
     data = np.arange(2 * 3 * 4 * 5, dtype=np.uint16).reshape(2, 3, 4, 5)
-    out = xarray_to_tzyxc(xr.DataArray(data, dims=("pln", "row", "col", "ch")))
+    out = xarray_to_tzyxc(SimpleNamespace(dims=("pln", "row", "col", "ch"), values=data))
     assert out.shape == (1, 2, 3, 4, 5) and out.dtype == np.uint16
     np.testing.assert_array_equal(out[0], data)
+    out = xarray_to_tzyxc(SimpleNamespace(dims=("ch", "row", "col"), values=data[0]))
+    np.testing.assert_array_equal(out[0, 0], np.moveaxis(data[0], 0, -1))
 
 
 @pytest.mark.skipif(not FIJI_DIR, reason="no Fiji given (CELLPLUG_FIJI_DIR)")

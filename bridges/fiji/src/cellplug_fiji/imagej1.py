@@ -32,7 +32,7 @@ CANCEL = "Cancel Training"
 MENU = "Cellplug"
 
 
-def _java():
+def _java() -> dict[str, Any]:
     """The Java classes used here (importable only once the JVM runs)."""
     import jpype.imports  # noqa: F401 - enables `from ij import ...`
     from ij import IJ, ImagePlus, ImageStack, Macro, WindowManager  # type: ignore

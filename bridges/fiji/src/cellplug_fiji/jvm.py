@@ -91,8 +91,10 @@ def start_jvm(classpath: list[Path], options: list[str] | None = None) -> None:
     if jvm is None:
         raise CellplugError(f"no Java runtime found (JAVA_HOME={home or 'unset'}); install "
                             f"Java 11 or newer (Debian: apt install default-jdk-headless)")
+    # interrupt=False: Ctrl-C goes to Python (a KeyboardInterrupt), not to the JVM's own
+    # handler, which would shut the JVM down under Python's feet
     jpype.startJVM(jvm, *(options or []), classpath=[str(p) for p in classpath],
-                   convertStrings=False)
+                   convertStrings=False, interrupt=False)
     stop_reference_queue_at_exit()
 
 

@@ -11,7 +11,7 @@ to stderr, since ImageJ's ``exec()`` returns standard output only.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -173,5 +173,5 @@ def train_cmd(image: Path, rois: Path, out_dir: Path, base: str, name: str, epoc
 
 
 @hookimpl
-def register_commands(register):  # noqa: ANN001 - cellplug's hook signature
+def register_commands(register: Callable[..., None]) -> None:
     register("fiji", fiji)
