@@ -68,10 +68,35 @@ def _cut(labels: np.ndarray, whole: np.ndarray, block: int) -> int:
     return cut
 
 
+class _Spy:
+    """An array-like that records the windows read from it."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.windows: list[tuple[slice, ...]] = []
+
+    def __getitem__(self, item):
+        self.windows.append(item)
+        return self.data[item]
+
+
 @pytest.fixture(scope="module")
-def blocks96(mosaic, segmenter) -> np.ndarray:
-    """Block-wise labels of the mosaic in 3 x 3 blocks of 96 (halo 48), sync scheduler."""
-    return blockwise.segment_blockwise(mosaic, segmenter, _opts(), block=96, scheduler="sync")
+def blocks96(mosaic, segmenter):
+    """Block-wise labels of the mosaic in 3 x 3 blocks of 96 (halo 48), sync scheduler;
+    ``.windows``: what was read from the image."""
+    spy = _Spy(mosaic)
+    res = blockwise.segment_blockwise(spy, segmenter, _opts(), block=96, scheduler="sync")
+    res.windows = spy.windows
+    return res
+
+
+def test_blockwise_reads_the_image_a_block_at_a_time(blocks96):
+    """Besides the normalisation's regular subsample (every pixel for so small an image),
+    only windows of one block plus its halo are read."""
+    sample, *windows = blocks96.windows
+    assert all(s.step is not None for s in sample)
+    assert len(windows) == 9
+    assert max((w[0].stop - w[0].start) * (w[1].stop - w[1].start) for w in windows) <= 192**2
 
 
 # -- block-wise vs whole image ---------------------------------------------------------------
