@@ -195,10 +195,10 @@ def hitl(session: nox.Session) -> None:
 
 @nox.session
 def zoo(session: nox.Session) -> None:
-    """``--model auto`` (with the style-model pack) against the generalist on the validation
-    split, and the cost of choosing (issue 21; needs ../shared/data)."""
+    """``--model auto`` against the generalist on the validation split, and the cost of
+    choosing (issue 21; needs ../shared/data). After ``--``: ``--zoo DIR``, a folder of zoo
+    models (``cellplug zoo build ... --out DIR``; see docs/models.md), then the script's options."""
     install_cellplug(session)
-    session.install("plugins/style-models")
     session.run("python", "benchmarks/zoo.py", *session.posargs)
 
 

@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 100")
     ap.add_argument("--quick", action="store_true", help="a few images only (a smoke test)")
+    ap.add_argument("--resume", type=Path, default=None, metavar="LOG",
+                    help="reuse the rows (lines starting with {\"k\") an interrupted run printed "
+                         "to LOG for the same base; only the missing k are run")
     ap.add_argument("--old-type-every-k", action="store_true",
                     help="score dsb2018 after every k (default: before, and after the largest k)")
     ap.add_argument("--out", type=Path, default=RESULTS / "hitl.json")
@@ -104,18 +107,25 @@ def main() -> None:
     rois = [int(np.unique(a.labels[a.labels > 0]).size) for a in anns]
     print(f"corrected images: {[a.stem for a in anns]}, ROIs {rois}", flush=True)
 
-    rows = []
+    done = {}
+    if args.resume is not None:  # rows of an interrupted run of the same base and images
+        done = {r["k"]: r for r in (json.loads(line) for line in args.resume.read_text()
+                                    .splitlines() if line.startswith('{"k"'))}
     t0 = time.perf_counter()
-    before = {"k": 0, "rois": 0, "usiigaci": score(args.base, new_type, args.precision,
-                                                   args.threads),
-              "dsb2018": score(args.base, old_type, args.precision, args.threads)}
-    before["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    rows.append(before)
+    before = done.get(0) or {
+        "k": 0, "rois": 0, "usiigaci": score(args.base, new_type, args.precision, args.threads),
+        "dsb2018": score(args.base, old_type, args.precision, args.threads)}
+    before.setdefault("eval_seconds", round(time.perf_counter() - t0, 1))
+    rows = [before]
     print(json.dumps(before), flush=True)
     bf16 = resolve_precision("auto") == "bf16" if args.precision == "auto" else (
         args.precision == "bf16")
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.counts:
+            if k in done:
+                rows.append(done[k])
+                print(json.dumps(done[k]), flush=True)
+                continue
             config = recipe_config("hitl", threads=args.threads, bf16=bf16, seed=0,
                                    epochs=args.epochs)
             w0, c0 = time.perf_counter(), time.process_time()
@@ -137,7 +147,8 @@ def main() -> None:
            "precision": args.precision, "threads": args.threads, "quick": args.quick,
            "corrected": [{"stem": a.stem, "source": a.source, "rois": r}
                          for a, r in zip(anns, rois, strict=True)],
-           "rows": rows, "machine": machine()}
+           "rows": sorted(rows, key=lambda r: r["k"]), "resumed_from": str(args.resume or ""),
+           "machine": machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     args.out.with_suffix(".md").write_text(_markdown(doc))

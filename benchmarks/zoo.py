@@ -11,9 +11,9 @@ and once by ``auto`` over the installed zoo. Reported:
   run (the reference's style pass and diameter are reused, so the extra work is the choice
   itself and the loading of the chosen models), per image and in total.
 
-Usage (``nox -s zoo`` installs the style-model pack and runs it)::
+Usage (``nox -s zoo -- --zoo DIR`` runs it)::
 
-    python benchmarks/zoo.py [--limit N] [--precision auto|fp32] [--threads 2]
+    python benchmarks/zoo.py --zoo runs/zoo [--limit N] [--precision auto|fp32] [--threads 2]
 
 Results: ``benchmarks/results/zoo.json`` and ``zoo.md`` (with the machine).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,8 +38,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="subsample (a quick check)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--zoo", type=Path, default=None,
+                    help="folder of zoo models (cellplug zoo build --out DIR); default: the "
+                         "installed ones")
     ap.add_argument("--out", type=Path, default=RESULTS / "zoo.json")
     args = ap.parse_args()
+    if args.zoo is not None:  # the user's model folder: where auto looks besides plugins
+        os.environ["CELLPLUG_MODELS"] = str(args.zoo.resolve())
 
     import tifffile
     import torch

@@ -936,6 +936,10 @@ def zoo() -> None:
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--images-per-epoch", type=int, default=200, show_default=True)
 @click.option("--learning-rate", type=float, default=0.001, show_default=True)
+@click.option("--decay-fraction", type=float, default=0.2, show_default=True,
+              help="Last fraction of the epochs over which the learning rate is halved ten "
+                   "times (only when that is 10 epochs or more; 1.0 with 10 epochs: halved "
+                   "every epoch, an annealed short fine-tune).")
 @click.option("--weight-decay", type=float, default=1e-5, show_default=True)
 @click.option("--patch", type=int, default=128, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -943,14 +947,18 @@ def zoo() -> None:
               show_default=True, help="Training arithmetic (auto: bf16 where native).")
 @click.option("--threads", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mix", type=float, default=1.0, show_default=True,
+              help="Ship MIX x each fine-tune + (1 - MIX) x the reference's weights "
+                   "(weight-space interpolation; 1: the fine-tunes as they are).")
 @click.option("--add", "add_to_zoo", is_flag=True,
               help="Also add the models to your model folder, so --model auto uses them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def zoo_build(sources: tuple[Path, ...], out_dir: Path, reference: str | None,
               val_list: Path | None, k: int | None, k_max: int, min_cluster: int, prefix: str,
               group_column: str | None, epochs: int, images_per_epoch: int,
-              learning_rate: float, weight_decay: float, patch: int, batch_size: int,
-              precision: str, threads: int | None, seed: int, add_to_zoo: bool,
+              learning_rate: float, decay_fraction: float, weight_decay: float, patch: int,
+              batch_size: int,
+              precision: str, threads: int | None, seed: int, mix: float, add_to_zoo: bool,
               quiet: bool) -> None:
     """Cluster the training images of SOURCES by the reference model's style and fine-tune
     one model per cluster from it (see cellplug.zoo_build)."""
@@ -976,6 +984,7 @@ def zoo_build(sources: tuple[Path, ...], out_dir: Path, reference: str | None,
     config = recipe_config(
         "scratch", epochs=epochs, images_per_epoch=images_per_epoch,
         learning_rate=learning_rate, weight_decay=weight_decay, warmup_epochs=min(2, epochs),
+        decay_fraction=decay_fraction,
         patch=patch, batch_size=batch_size, seed=seed, threads=threads,
         bf16=resolve_precision(precision) == "bf16", size_model="keep",
     )
@@ -984,6 +993,7 @@ def zoo_build(sources: tuple[Path, ...], out_dir: Path, reference: str | None,
         min_cluster=min_cluster, groups=groups or None, registry=registry,
         progress=not quiet, log_fn=lambda m: click.echo(m, err=True),
         command=shlex.join(click.get_current_context().meta.get("cellplug.argv", sys.argv)),
+        mix=mix,
     )
     for path in result.models:
         if add_to_zoo:

@@ -344,7 +344,7 @@ def available_models(registry: PluginRegistry | None = None) -> dict[str, ModelI
     udir = user_model_dir()
     if udir.is_dir():
         for f in sorted(udir.glob("*.pth")):
-            if f.stem in found:
+            if f.stem in found or f.name.startswith("."):  # hidden: temporary or partial files
                 continue
             try:
                 found[f.stem] = ModelInfo(f.stem, f, read_metadata(f), "user")

@@ -226,13 +226,19 @@ def build_zoo(
     progress: bool = True,
     log_fn: Callable[[str], None] | None = None,
     command: str | None = None,
+    mix: float = 1.0,
 ) -> ZooBuild:
     """Cluster ``annotations`` by the ``reference`` model's styles and fine-tune one model per
     cluster from it (``config``: the fine-tune's settings, ``config.seed`` also seeds the
     clustering). Writes into ``out_dir``: ``styles.npz``, ``clusters.json``, ``report.md``,
     ``clusters.png`` and ``<prefix>-<i>.pth/.json`` (i = 1..K, largest cluster first).
     ``groups`` (stem -> label, e.g. modality) only describes the clusters in the report.
+    ``mix``: each shipped model's weights are ``mix`` x its fine-tune + (1 - ``mix``) x the
+    reference's (weight-space interpolation, as WiSE-FT, Wortsman et al. 2022: a fine-tune on a
+    subset keeps more of what the reference knows); 1.0 ships the fine-tunes as they are.
     """
+    if not 0.0 < mix <= 1.0:
+        raise CellplugError(f"mix must be in (0, 1], got {mix}")
     say = log_fn or (lambda m: None)
     registry = registry or get_registry()
     out = Path(out_dir)
@@ -285,10 +291,12 @@ def build_zoo(
     io.write_png(out / "clusters.png", thumbnail_grid(thumbs))
     report = _write_report(out, reference, clus, names, members, spreads, groups)
 
-    # 4. one model per cluster, from the reference; a finished one is kept
+    # 4. one model per cluster, fine-tuned from the reference (kept in a hidden file, reused
+    # when its build key matches), then mixed with the reference's weights (``mix``)
     models = []
     for j, name in enumerate(names):
         path = out / f"{name}.pth"
+        tuned = out / f".{name}.finetuned.pth"
         cluster_anns = [by_stem[s] for s in members[name]]
         cfg = replace(config, seed=config.seed + j)
         zoo = {
@@ -299,40 +307,78 @@ def build_zoo(
             "composition": _composition(members[name], groups),
         }
         build_key = _key({"zoo": zoo, "config": asdict(cfg), "stems": members[name]})
-        if path.exists():
-            try:
-                done = model_from_path(path).metadata.get("zoo", {}).get("build_key")
-            except CellplugError:
-                done = None
-            if done == build_key:
-                say(f"{name}: already built ({path})")
-                models.append(path)
-                continue
-        say(f"{name}: fine-tuning on {len(cluster_anns)} images "
-            f"({_describe(zoo['composition'])})")
-        decoder = registry.get("decoder", reference.decoder)
-        samples = prepare_samples(cluster_anns, decoder, cfg.channels, reference.n_channels,
-                                  name, cfg.min_train_masks, progress)
-        if not samples:
-            raise CellplugError(f"cluster {name}: none of its {len(cluster_anns)} images has "
-                                f"{cfg.min_train_masks} or more objects to train on")
-        tmp_path = out / f".{name}.partial.pth"
-        result = train(samples, [], tmp_path, cfg, base_model=reference, registry=registry,
-                       progress=progress, log_fn=say,
-                       data_description={"zoo_cluster": j + 1, "images": members[name],
-                                         "command": command})
-        meta = model_from_path(result.model_path).metadata
-        meta["name"] = name
-        # auto compares the reference's styles: the centroid is in the reference's space
-        meta["style_centroid"] = [round(float(v), 6) for v in clus.centroids[j]]
-        meta["zoo"] = {**zoo, "build_key": build_key}
-        io.write_json(tmp_path.with_suffix(".json"), meta)
-        with io.atomic_paths([path, path.with_suffix(".json")]) as (tw, tj):
-            tmp_path.replace(tw)
-            tmp_path.with_suffix(".json").replace(tj)
-        model_from_path(path)  # what was written loads
+        try:
+            done = model_from_path(tuned).metadata.get("zoo", {}).get("build_key")
+        except CellplugError:  # missing or unreadable: train it
+            done = None
+        if done == build_key:
+            say(f"{name}: fine-tune already done ({tuned})")
+        else:
+            _fine_tune_cluster(name, cluster_anns, tuned, reference, cfg, registry, progress,
+                               say, {"zoo_cluster": j + 1, "images": members[name],
+                                     "command": command},
+                               clus.centroids[j], {**zoo, "build_key": build_key})
+        try:
+            shipped = model_from_path(path).metadata.get("zoo", {})
+        except CellplugError:
+            shipped = {}
+        if shipped.get("mix") != mix or shipped.get("finetuned_sha256") != io.file_sha256(tuned):
+            mix_with_reference(tuned, reference, mix, path, registry)
+        say(f"{name}: {path} ({mix:.2f} fine-tuned + {1 - mix:.2f} {reference.name} weights)")
         models.append(path)
     return ZooBuild(clus, models, report)
+
+
+def _fine_tune_cluster(name: str, annotations: Sequence[Annotation], target: Path,
+                       reference: ModelInfo, cfg: TrainConfig, registry: PluginRegistry,
+                       progress: bool, say: Callable[[str], None], description: dict[str, Any],
+                       centroid: np.ndarray, zoo: dict[str, Any]) -> None:
+    say(f"{name}: fine-tuning on {len(annotations)} images "
+        f"({_describe(zoo['composition'])})")
+    decoder = registry.get("decoder", reference.decoder)
+    samples = prepare_samples(annotations, decoder, cfg.channels, reference.n_channels,
+                              name, cfg.min_train_masks, progress)
+    if not samples:
+        raise CellplugError(f"cluster {name}: none of its {len(annotations)} images has "
+                            f"{cfg.min_train_masks} or more objects to train on")
+    partial = target.with_name(f".{name}.partial.pth")
+    result = train(samples, [], partial, cfg, base_model=reference, registry=registry,
+                   progress=progress, log_fn=say, data_description=description)
+    meta = model_from_path(result.model_path).metadata
+    meta["name"] = name
+    # auto compares the reference's styles: the centroid is in the reference's space
+    meta["style_centroid"] = [round(float(v), 6) for v in centroid]
+    meta["zoo"] = zoo
+    io.write_json(partial.with_suffix(".json"), meta)
+    with io.atomic_paths([target, target.with_suffix(".json")]) as (tw, tj):
+        partial.replace(tw)
+        partial.with_suffix(".json").replace(tj)
+
+
+def mix_with_reference(tuned: Path, reference: ModelInfo, mix: float, out: Path,
+                       registry: PluginRegistry | None = None) -> Path:
+    """Write ``out``: the weights ``mix`` x ``tuned`` + (1 - ``mix``) x ``reference`` (same
+    architecture), with ``tuned``'s metadata plus ``zoo.mix`` and the reference's sha256."""
+    import torch
+
+    from .models import build_network, load_state_dict, save_model
+
+    meta = dict(model_from_path(tuned).metadata)
+    a, b = load_state_dict(tuned), load_state_dict(reference.weights)
+    if a.keys() != b.keys():
+        raise CellplugError(f"{tuned}: its layers differ from {reference.name}'s; cannot mix")
+    mixed = {k: (mix * a[k].float() + (1 - mix) * b[k].float()) if a[k].is_floating_point()
+             else a[k] for k in a}
+    net = build_network(reference, registry)
+    net.load_state_dict(mixed)
+    meta.pop("format", None)
+    meta["name"] = out.stem
+    meta["zoo"] = {**meta["zoo"], "mix": mix,
+                   "finetuned_sha256": io.file_sha256(tuned)}
+    with torch.no_grad():
+        path = save_model(out, net.eval(), meta, half=True)
+    model_from_path(path)  # what was written loads
+    return path
 
 
 def _composition(stems: Sequence[str], groups: Mapping[str, str] | None) -> dict[str, int]:

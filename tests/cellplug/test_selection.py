@@ -191,3 +191,4 @@ def test_choice_reason_texts():
     assert c.to_dict() == {"model": "m", "similarity": 0.95, "fallback": False,
                            "reason": c.reason}
     assert Choice("m", "m", None, None, False, "toy").reason == "chosen by selector 'toy'"
+

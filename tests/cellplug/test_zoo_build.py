@@ -122,11 +122,12 @@ def test_zoo_build_end_to_end_resumes_and_feeds_auto(source, tmp_path, monkeypat
     assert (zoo_dir / "clusters.png").stat().st_size > 0
     assert "| style-1 | 3 |" in (zoo_dir / "report.md").read_text()
     assert not list(zoo_dir.glob(".*partial*"))
+    assert meta["zoo"]["mix"] == 1.0
     # rerun: styles and both models are reused, nothing retrained
     before = {p.name: p.stat().st_mtime_ns for p in zoo_dir.glob("style-*.pth")}
     r = CliRunner().invoke(main, [*args, "--add"])
     assert r.exit_code == 0, r.output
-    assert "styles: reused" in r.output and r.output.count("already built") == 2
+    assert "styles: reused" in r.output and r.output.count("fine-tune already done") == 2
     assert {p.name: p.stat().st_mtime_ns for p in zoo_dir.glob("style-*.pth")} == before
     assert json.loads((zoo_dir / "clusters.json").read_text()) == clusters  # deterministic
     # --add put them in the user's folder, and auto uses them
@@ -148,3 +149,32 @@ def test_zoo_build_refuses_duplicate_stems(source, tmp_path):
     r = CliRunner().invoke(main, ["zoo", "build", str(source), str(other), "--out",
                                   str(tmp_path / "z"), "--k", "2", "-q"])
     assert r.exit_code == 1 and "two training images have the stem" in r.output
+
+
+def test_mix_interpolates_the_weights(tmp_path):
+    """mix_with_reference: 0.5 x fine-tune + 0.5 x reference, parameter by parameter."""
+    import torch
+
+    from cellplug.models import load_state_dict, model_from_path, resolve_model, save_model
+    from cellplug.zoo_build import mix_with_reference
+
+    ref = resolve_model("generalist")
+    sd = load_state_dict(ref.weights)
+    torch.manual_seed(0)
+    from cellplug.models import build_network
+
+    net = build_network(ref)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    meta = dict(model_from_path(ref.weights).metadata, zoo={"reference": "generalist"})
+    meta.pop("format")
+    tuned = save_model(tmp_path / ".c.finetuned.pth", net, meta, half=True)
+    out = mix_with_reference(tuned, ref, 0.5, tmp_path / "c.pth")
+    a, m = load_state_dict(tuned), load_state_dict(out)
+    key = next(k for k in sd if sd[k].is_floating_point() and sd[k].numel() > 100)
+    expected = 0.5 * a[key].float() + 0.5 * sd[key].float()
+    assert torch.allclose(m[key].float(), expected, atol=2e-3)
+    assert not torch.allclose(m[key].float(), a[key].float(), atol=1e-4)
+    zoo = model_from_path(out).metadata["zoo"]
+    assert zoo["mix"] == 0.5 and len(zoo["finetuned_sha256"]) == 64
