@@ -221,7 +221,8 @@ def read_imagej_tiff(path: Path) -> tuple[np.ndarray, TiffMeta]:
             xres = page.tags.get("XResolution")
             yres = page.tags.get("YResolution")
             resolution = (xres.value, yres.value) if xres and yres else None
-    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+    # a damaged file can fail anywhere in tifffile's parsing (IndexError for a corrupt IFD)
+    except (OSError, ValueError, IndexError, KeyError, tifffile.TiffFileError) as exc:
         raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
     axes = axes.replace("I", "Z").replace("Q", "Z")  # unnamed pages: a stack of slices
     unknown = set(axes) - set("TZCYXS")

@@ -88,13 +88,18 @@ def uninstall_cmd(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _errors_to(folder: Path) -> Iterator[None]:
-    """On failure, the error line also goes to ``folder/error.txt`` (for the macro)."""
+def _errors_to(folder: Path, image: Path | None = None) -> Iterator[None]:
+    """On failure, the error line also goes to ``folder/error.txt`` (for the macro); an
+    error about the pixels that does not say which file gets ``image``'s name in front."""
     try:
         yield
     except CellplugError as exc:
-        _write_error(folder, f"error: {' '.join(str(exc).split())}")
-        raise
+        text = " ".join(str(exc).split())
+        if image is not None and str(image) not in text and image.name not in text:
+            exc = CellplugError(f"{image}: {text}")
+            text = str(exc)
+        _write_error(folder, f"error: {text}")
+        raise exc from None
     except Exception as exc:
         _write_error(folder, f"error: internal error (a bug, please report it): "
                              f"{type(exc).__name__}: {' '.join(str(exc).split())}")
@@ -124,7 +129,7 @@ def segment_cmd(image: Path, out_dir: Path, model: str, diameter: float,
     OUT/labels.tif and OUT/RoiSet.zip."""
     from cellplug.io import atomic_paths
 
-    with _errors_to(out_dir):
+    with _errors_to(out_dir, image):
         data, meta = convert.read_imagej_tiff(image)
         values = {"model": model, "diameter": diameter, "cyto": channels[0],
                   "nucleus": channels[1], "flow": flow_threshold, "cellprob": cellprob_threshold}
