@@ -111,3 +111,17 @@ def golden_segmenters(tmp_path_factory):
         "generalist": Segmenter.from_model(str(weights)),
         "random": Segmenter.from_model(str(random_path)),
     }
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch) -> Path:
+    """An empty user model folder (``$CELLPLUG_MODELS``, not created) and a fresh plugin
+    registry before and after the test; modules make it autouse under their own name."""
+    from cellplug.plugins import set_registry
+
+    folder = tmp_path / "zoo"
+    monkeypatch.setenv("CELLPLUG_MODELS", str(folder))
+    set_registry(None)
+    yield folder
+    set_registry(None)
+

@@ -15,7 +15,6 @@ from cellplug.cli import main
 from cellplug.errors import CellplugError
 from cellplug.hitl import fine_tune, recipe_config
 from cellplug.io import file_sha256
-from cellplug.plugins import set_registry
 from cellplug.train import TrainingCancelled
 from cellplug.zoo import new_model_path
 
@@ -25,13 +24,9 @@ FAST = ["--epochs", "2", "--patch", "64", "--size-epochs", "1", "-q"]
 
 
 @pytest.fixture(autouse=True)
-def zoo(tmp_path, monkeypatch) -> Path:
+def zoo(user_models) -> Path:
     """An empty user model folder, and a fresh plugin registry per test."""
-    folder = tmp_path / "zoo"
-    monkeypatch.setenv("CELLPLUG_MODELS", str(folder))
-    set_registry(None)
-    yield folder
-    set_registry(None)
+    return user_models
 
 
 def _crops() -> list[tuple[np.ndarray, np.ndarray, str]]:

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from cellplug.cli import main
 from cellplug.errors import CellplugError
-from cellplug.plugins import set_registry
 from cellplug.segmenter import Segmenter, SegmentOptions
 from cellplug.selection import AutoSegmenter, Choice, cosine
 
@@ -24,13 +23,10 @@ FLUO, PHC = DATA / "dsb2018_fluo.tif", DATA / "usiigaci_phc.tif"
 
 
 @pytest.fixture(autouse=True)
-def user_zoo(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "zoo"
-    folder.mkdir()
-    monkeypatch.setenv("CELLPLUG_MODELS", str(folder))
-    set_registry(None)
-    yield folder
-    set_registry(None)
+def user_zoo(user_models) -> Path:
+    """The empty user model folder of every test here (conftest's ``user_models``)."""
+    user_models.mkdir()
+    return user_models
 
 
 @pytest.fixture(scope="module")

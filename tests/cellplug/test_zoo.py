@@ -12,19 +12,15 @@ from click.testing import CliRunner
 
 from cellplug.cli import main
 from cellplug.io import file_sha256
-from cellplug.plugins import set_registry
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BUNDLED = Path(__file__).resolve().parents[2] / "plugins/cellplug_zoo/weights/generalist.pth"
 
 
 @pytest.fixture(autouse=True)
-def zoo(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "zoo"
-    monkeypatch.setenv("CELLPLUG_MODELS", str(folder))
-    set_registry(None)
-    yield folder
-    set_registry(None)
+def zoo(user_models) -> Path:
+    """The empty user model folder of every test here (conftest's ``user_models``)."""
+    return user_models
 
 
 def run(*args, code=0):
