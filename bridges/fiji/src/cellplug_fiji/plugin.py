@@ -129,10 +129,13 @@ def segment_cmd(image: Path, out_dir: Path, model: str, diameter: float,
     OUT/labels.tif and OUT/RoiSet.zip."""
     from cellplug.io import atomic_paths
 
+    values = {"model": model, "diameter": diameter, "cyto": channels[0],
+              "nucleus": channels[1], "flow": flow_threshold, "cellprob": cellprob_threshold}
+    with _errors_to(out_dir):  # settings and model first: their errors are not the image's
+        commands.segment_options(values)
+        commands.segmenter_for(model)
     with _errors_to(out_dir, image):
         data, meta = convert.read_imagej_tiff(image)
-        values = {"model": model, "diameter": diameter, "cyto": channels[0],
-                  "nucleus": channels[1], "flow": flow_threshold, "cellprob": cellprob_threshold}
         labels = commands.segment_image(data, values)
         rois = convert.labels_to_rois(labels, meta.n_channels)
         targets = [out_dir / "labels.tif"] + ([out_dir / "RoiSet.zip"] if rois else [])
