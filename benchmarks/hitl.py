@@ -59,6 +59,24 @@ def corrected_images(n: int, seed: int = 0):
     return out
 
 
+def replay_images(n: int, seed: int = 0):
+    """``n`` dsb2018 training images (the base model's own training data, never the
+    validation split), rehearsed during the fine-tune so that nuclei are not forgotten."""
+    import tifffile
+
+    from cellplug.annotations import Annotation
+
+    folder = data_root() / "dsb2018"
+    val = set((Path(__file__).resolve().parents[1] / "training/generalist/val_stems.txt")
+              .read_text().split())
+    stems = sorted(p.name[: -len("_masks.tif")] for p in folder.glob("*_masks.tif"))
+    pool = [s for s in stems if s not in val]
+    picked = np.random.default_rng(seed).permutation(len(pool))[:n]
+    return [Annotation(tifffile.imread(folder / f"{pool[i]}.tif"),
+                       tifffile.imread(folder / f"{pool[i]}_masks.tif"), pool[i],
+                       f"dsb2018/{pool[i]}.tif") for i in sorted(picked)]
+
+
 def score(model, items, precision: str, threads: int) -> dict:
     """Mean per-image AP@0.5 over ``items`` ((image, labels, group) paths), no diameter given."""
     import tifffile
@@ -82,6 +100,10 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 100")
+    ap.add_argument("--replay", type=int, default=0, metavar="N",
+                    help="rehearse N dsb2018 training images (train --replay); 0: none")
+    ap.add_argument("--replay-fraction", type=float, default=None,
+                    help="share of each batch from the replay images (default: cellplug's)")
     ap.add_argument("--quick", action="store_true", help="a few images only (a smoke test)")
     ap.add_argument("--resume", type=Path, default=None, metavar="LOG",
                     help="reuse the rows (lines starting with {\"k\") an interrupted run printed "
@@ -106,6 +128,9 @@ def main() -> None:
     anns = corrected_images(max(args.counts))
     rois = [int(np.unique(a.labels[a.labels > 0]).size) for a in anns]
     print(f"corrected images: {[a.stem for a in anns]}, ROIs {rois}", flush=True)
+    replay = replay_images(args.replay) if args.replay else []
+    if replay:
+        print(f"replayed dsb2018 training images: {[a.stem for a in replay]}", flush=True)
 
     done = {}
     if args.resume is not None:  # rows of an interrupted run of the same base and images
@@ -130,7 +155,8 @@ def main() -> None:
                                    epochs=args.epochs)
             w0, c0 = time.perf_counter(), time.process_time()
             result = fine_tune(anns[:k], str(args.base), out_path=Path(tmp) / f"k{k}.pth",
-                               config=config, progress=False, log_fn=lambda m: None)
+                               config=config, progress=False, log_fn=lambda m: None,
+                               replay=replay, replay_fraction=args.replay_fraction)
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
             row = {"k": k, "rois": sum(rois[:k]), "train_seconds": round(wall, 1),
                    "train_cpu_minutes": round(cpu / 60, 2),
@@ -145,6 +171,8 @@ def main() -> None:
     doc = {"base": str(args.base), "base_sha256": file_sha256(args.base),
            "recipe": recipe_config("hitl", epochs=args.epochs).__dict__,
            "precision": args.precision, "threads": args.threads, "quick": args.quick,
+           "replay": {"n_images": len(replay), "stems": [a.stem for a in replay],
+                      "fraction": args.replay_fraction} if replay else None,
            "corrected": [{"stem": a.stem, "source": a.source, "rois": r}
                          for a, r in zip(anns, rois, strict=True)],
            "rows": sorted(rows, key=lambda r: r["k"]), "resumed_from": str(args.resume or ""),
@@ -160,6 +188,10 @@ def _markdown(doc: dict) -> str:
              f"Base: `{doc['base']}` (sha256 {doc['base_sha256'][:12]}), recipe hitl, "
              f"precision {doc['precision']}, {doc['threads']} threads. AP@0.5 is the mean over "
              f"validation images, no diameter given.", "",
+             *([f"Replay: {doc['replay']['n_images']} dsb2018 training images rehearsed, "
+                f"{doc['replay']['fraction'] or 'the default'} of each batch "
+                f"(`train --replay`).", ""] if doc.get("replay") else
+               ["No replay: the corrections only.", ""]),
              "| corrected images | ROIs | train min (wall) | train CPU min | Usiigaci AP@0.5 | "
              "change | dsb2018 AP@0.5 | change |", "| ---: | ---: | ---: | ---: | ---: | ---: | "
              "---: | ---: |"]

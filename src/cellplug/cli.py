@@ -719,6 +719,13 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
 @click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE",
               help="Option of --source, e.g. mask_suffix=_Nuclei for CellProfiler label "
                    "images. Repeatable.")
+@click.option("--replay", "replay_sources", multiple=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="Annotated images of what the base model already segments (a few of its "
+                   "training images, earlier rounds' corrections), rehearsed in every batch "
+                   "so that the fine-tune does not forget them. Repeatable.")
+@click.option("--replay-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of each batch drawn from --replay (default 0.5).")
 @click.option("--val-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File listing validation stems (one per line), kept out of training.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -782,8 +789,9 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
                    "backbone (openvino) trains its torch base backbone instead.")
 def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | None,
           base_ref: str | None, recipe: str | None, optimizer: str | None,
-          source_name: str | None, source_options: tuple[str, ...], val_list: Path | None,
-          val_fraction: float,
+          source_name: str | None, source_options: tuple[str, ...],
+          replay_sources: tuple[Path, ...], replay_fraction: float | None,
+          val_list: Path | None, val_fraction: float,
           epochs: int | None, batch_size: int | None, patch: int,
           learning_rate: float | None, weight_decay: float | None, warmup_epochs: int | None,
           diam_mean: float,
@@ -801,7 +809,7 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
     """
     from .annotations import read_annotations
     from .annotations import source_name as detect_source
-    from .hitl import lineage, recipe_config
+    from .hitl import REPLAY_FRACTION, lineage, recipe_config, replay_description
     from .inference import resolve_precision
     from .models import build_network, resolve_model
     from .plugins import get_registry
@@ -817,6 +825,8 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
                                  "network", param_hint="--epochs")
     if (out_path is None) == (model_name is None):
         raise click.UsageError("give --out PATH or --name NAME (one of them)")
+    if replay_fraction is not None and not replay_sources:
+        raise click.UsageError("--replay-fraction needs --replay")
     if model_name is not None:
         from .zoo import new_model_path
 
@@ -835,6 +845,8 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
         eval_images=eval_images, checkpoint_every=checkpoint_every,
         bf16=resolve_precision(precision) == "bf16", threads=threads,
         channels=_channels(channels), size_epochs=size_epochs, size_model=size_model,
+        replay_fraction=(REPLAY_FRACTION if replay_fraction is None else replay_fraction)
+        if replay_sources else None,
     )
     base = resolve_model(base_ref, registry) if base_ref else None
     if base is not None:  # a bad base model fails now, not after the data is prepared
@@ -888,11 +900,20 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
             val_s += prepare_samples(va_g, decoder, config.channels, 2, group, 1, not quiet)
         described.append({"source": src.resolve().name, "n_train": len(tr), "n_val": len(va)})
         click.echo(f"{src}: {len(tr)} training, {len(va)} validation images", err=True)
+    replayed = []
+    for src in replay_sources:  # all of it trains: rehearsal, never validation
+        anns = list(read_annotations(src, detect_source(src, None, registry), registry,
+                                     on_error=skip if on_error == "skip" else None))
+        replayed += anns
+        train_s += prepare_samples(anns, decoder, config.channels, 2, "replay",
+                                   config.min_train_masks, not quiet, replay=True)
+        click.echo(f"{src}: {len(anns)} images to rehearse", err=True)
     result = run_training(
         train_s, val_s, out_path, config, base_model=base, registry=registry,
         checkpoint_dir=checkpoint_dir, resume=resume, progress=not quiet,
         data_description={"sources": described, "val_list": val_list.name if val_list else None,
                           "groups": sorted({t.group for t in train_s}), "skipped": skipped,
+                          **({"replay": replay_description(replayed)} if replayed else {}),
                           **lineage(used, ", ".join(sorted(set(formats))),
                                     shlex.join(click.get_current_context().meta.get(
                                         "cellplug.argv", sys.argv)))},

@@ -44,6 +44,16 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# the share of each batch that rehearses the replay images: half, so that the old type is
+# seen as often as the new (measured in benchmarks/results/hitl.md)
+REPLAY_FRACTION = 0.5
+
+
+def replay_description(replay: Sequence[Annotation]) -> dict[str, Any]:
+    """The lineage entry of the rehearsed images: how many, which."""
+    return {"n_images": len(replay), "stems": [a.stem for a in replay][:100]}
+
+
 def recipe_config(recipe: str, **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` from ``RECIPES[recipe]``, with ``overrides`` (None = keep)."""
     if recipe not in RECIPES:
@@ -78,6 +88,8 @@ def fine_tune(
     progress: bool = True,
     log_fn: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    replay: Sequence[Annotation] = (),
+    replay_fraction: float | None = None,
 ) -> TrainResult:
     """Fine-tune ``base`` on ``annotations`` and save it as ``name`` in the user's zoo
     (or to ``out_path``), with its lineage in the metadata.
@@ -85,6 +97,10 @@ def fine_tune(
     ``config`` defaults to the ``hitl`` recipe. Images with fewer objects than
     ``config.min_train_masks`` are left out, as in Cellpose. Returns the
     :class:`~cellplug.train.TrainResult`; ``should_stop`` can cancel (nothing is saved).
+
+    ``replay`` are annotated images of what the base model already segments (a few of its
+    training images, or earlier rounds' corrections): ``replay_fraction`` of every batch
+    (default ``REPLAY_FRACTION``) rehearses them, so that the new model does not forget them.
     """
     registry = registry or get_registry()
     info = base if isinstance(base, ModelInfo) else resolve_model(base, registry)
@@ -99,6 +115,13 @@ def fine_tune(
         raise CellplugError(f"none of the {len(annotations)} annotated image(s) has "
                             f"{config.min_train_masks} or more objects to train on")
     description = lineage(annotations, source_format)
+    if replay:
+        samples += prepare_samples(replay, decoder, config.channels, info.n_channels,
+                                   group="replay", min_masks=config.min_train_masks,
+                                   progress=progress, replay=True)
+        config = replace(config, replay_fraction=REPLAY_FRACTION if replay_fraction is None
+                         else replay_fraction)
+        description["replay"] = replay_description(replay)
     return train(samples, [], target, replace(config), base_model=info, registry=registry,
                  progress=progress, data_description=description, log_fn=log_fn,
                  should_stop=should_stop)

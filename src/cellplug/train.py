@@ -53,6 +53,9 @@ class TrainConfig:
     min_train_masks: int = 5
     images_per_epoch: int | None = None  # default: number of training images
     sampling: str = "uniform"  # or "sqrt": each source weighted by sqrt(its size)
+    # share of every batch drawn from the replay samples (Sample.replay: images of the types
+    # the base model already segments, rehearsed so that a fine-tune does not forget them)
+    replay_fraction: float = 0.0
     seed: int = 0
     eval_every: int = 10
     eval_images: int | None = None  # validation images scored per evaluation (None: all)
@@ -84,6 +87,7 @@ class Sample:
     stem: str
     source: str
     group: str = ""
+    replay: bool = False  # rehearsal of what the base already knows, not the new data
 
 
 def prepare_samples(
@@ -94,8 +98,10 @@ def prepare_samples(
     group: str = "",
     min_masks: int = 0,
     progress: bool = False,
+    replay: bool = False,
 ) -> list[Sample]:
-    """Normalise images and compute targets and diameters (objects < ``min_masks`` skipped)."""
+    """Normalise images and compute targets and diameters (objects < ``min_masks`` skipped);
+    ``replay`` marks them as rehearsal samples (see ``TrainConfig.replay_fraction``)."""
     from tqdm import tqdm
 
     out = []
@@ -116,6 +122,7 @@ def prepare_samples(
                 ann.stem,
                 ann.source,
                 group,
+                replay,
             )
         )
     return out
@@ -214,6 +221,33 @@ def sampling_probabilities(samples: Sequence[Sample], mode: str) -> np.ndarray |
     total = sum(math.sqrt(n) for n in groups.values())
     p = np.array([math.sqrt(groups[s.group]) / total / groups[s.group] for s in samples])
     return p / p.sum()
+
+
+def epoch_order(
+    rng: np.random.Generator,
+    samples: Sequence[Sample],
+    n: int,
+    probs: np.ndarray | None,
+    replay_fraction: float = 0.0,
+) -> np.ndarray:
+    """Indices of the ``n`` samples of one epoch.
+
+    With replay samples and ``replay_fraction`` > 0, exactly ``round(n * fraction)`` of
+    them are replay samples (drawn uniformly), the rest new ones, shuffled together: a
+    fixed share per epoch, not a binomial one, so that no epoch is all old or all new.
+    """
+    replay = np.array([s.replay for s in samples], bool)
+    if replay_fraction > 0 and replay.any() and (~replay).any():
+        n_old = int(round(n * replay_fraction))
+        old, new = np.flatnonzero(replay), np.flatnonzero(~replay)
+        order = np.concatenate([rng.choice(new, size=n - n_old, replace=True),
+                                rng.choice(old, size=n_old, replace=True)])
+        return rng.permutation(order)
+    if probs is not None:
+        return rng.choice(len(samples), size=n, replace=True, p=probs)
+    if n > len(samples):  # a few images, full batches: draw repeatedly
+        return rng.choice(len(samples), size=n, replace=True)
+    return rng.permutation(len(samples))[:n]
 
 
 def data_fingerprint(samples: Sequence[Sample]) -> str:
@@ -316,11 +350,15 @@ def train(
     diam_mean = config.diam_mean  # the base's when fine-tuning (see above)
     if not train_samples:
         raise CellplugError("no training images (with enough objects) to train on")
-    keep_size = _keeps_base_size_model(config, base_model, len(train_samples))
+    # the new data, without the rehearsed old: what the size model and style centroid describe
+    new_samples = [s for s in train_samples if not s.replay]
+    if not new_samples:
+        raise CellplugError("only replay images: nothing new to train on")
+    keep_size = _keeps_base_size_model(config, base_model, len(new_samples))
     # the size model's first pass runs at diam_mean / diam_labels: a kept size model needs the
     # diam_labels it was fitted with, not the mean diameter of a few new images
     diam_labels = (base_model.diam_labels if keep_size and base_model is not None
-                   else float(np.mean([s.diameter for s in train_samples])))
+                   else float(np.mean([s.diameter for s in new_samples])))
     with torch.no_grad():
         net.diam_mean.fill_(diam_mean)
         net.diam_labels.fill_(diam_labels)
@@ -386,12 +424,7 @@ def train(
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100003 + epoch)
-        if probs is not None:
-            order = rng.choice(len(train_samples), size=n_per_epoch, replace=True, p=probs)
-        elif n_per_epoch > len(train_samples):  # a few images, full batches: draw repeatedly
-            order = rng.choice(len(train_samples), size=n_per_epoch, replace=True)
-        else:
-            order = rng.permutation(len(train_samples))[:n_per_epoch]
+        order = epoch_order(rng, train_samples, n_per_epoch, probs, config.replay_fraction)
         _set_lr(opt, float(sched[epoch]))
         net.train()
         losses = []
@@ -454,11 +487,11 @@ def train(
     net.eval().cpu()
     if keep_size and base_model is not None and base_model.size_model is not None:
         size_model = base_model.size_model
-        size_note = f"kept from the base model ({len(train_samples)} training images)"
+        size_note = f"kept from the base model ({len(new_samples)} training images)"
     else:
-        size_model = fit_size_model(net, train_samples, diam_mean, config)
-        size_note = f"fitted on {len(train_samples)} training images"
-    centroid = style_centroid(net, train_samples)
+        size_model = fit_size_model(net, new_samples, diam_mean, config)
+        size_note = f"fitted on {len(new_samples)} training images"
+    centroid = style_centroid(net, new_samples)
     seg_time = time.time() - t_start
     meta: dict[str, Any] = {
         "name": out_path.stem,
@@ -483,6 +516,7 @@ def train(
             },
             "data": data_description or {},
             "n_train": len(train_samples),
+            "n_replay": len(train_samples) - len(new_samples),
             "n_val": len(val_samples),
             "data_hash": data_fingerprint(train_samples),
             "seconds": round(seg_time, 1),

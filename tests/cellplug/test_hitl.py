@@ -118,3 +118,46 @@ def test_model_names_are_checked(zoo):
     with pytest.raises(CellplugError, match="a model named 'generalist' exists already"):
         new_model_path("generalist")
     assert new_model_path("ok-1.b") == zoo / "ok-1.b.pth"
+
+
+def test_epoch_order_gives_replay_its_exact_share():
+    from cellplug.train import Sample, epoch_order
+
+    def sample(replay: bool) -> Sample:
+        return Sample(np.zeros((2, 4, 4), np.float32), np.zeros((3, 4, 4), np.float32),
+                      np.zeros((4, 4), np.int32), 10.0, "s", "", "", replay)
+
+    samples = [sample(False), sample(False), sample(True), sample(True), sample(True)]
+    for epoch in range(20):
+        order = epoch_order(np.random.default_rng([0, epoch]), samples, 8, None, 0.25)
+        assert len(order) == 8 and sum(samples[i].replay for i in order) == 2
+    # without a fraction the replay flag changes nothing: the plain draw, same as before
+    plain = [sample(False) for _ in samples]
+    for flagged, fraction in ((samples, 0.0), (plain, 0.5)):
+        assert np.array_equal(epoch_order(np.random.default_rng(3), flagged, 8, None, fraction),
+                              np.random.default_rng(3).choice(5, size=8, replace=True))
+
+
+def test_train_with_replay_records_it_and_keeps_the_new_data_apart(tmp_path, zoo):
+    crops = _crops()
+    new, old = tmp_path / "new", tmp_path / "old"
+    for folder, (image, labels, stem) in zip((new, old), crops, strict=True):
+        folder.mkdir()
+        tifffile.imwrite(folder / f"{stem}.tif", image)
+        tifffile.imwrite(folder / f"{stem}_masks.tif", labels)
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", str(new), "--base", "generalist", "--name", "lab-replay",
+                             "--replay", str(old), "--replay-fraction", "0.25", *FAST])
+    assert r.exit_code == 0, r.output
+    assert "1 images to rehearse" in r.stderr
+    meta = json.loads((zoo / "lab-replay.json").read_text())
+    training = meta["training"]
+    assert training["config"]["replay_fraction"] == 0.25
+    assert training["n_train"] == 2 and training["n_replay"] == 1
+    assert training["data"]["replay"] == {"n_images": 1, "stems": ["crop1"]}
+    # the lineage's images are the corrections only; the rehearsed image is not one of them
+    assert [i["stem"] for i in training["data"]["images"]] == ["crop0"]
+    assert training["size_model"] == "kept from the base model (1 training images)"
+    bad = runner.invoke(main, ["train", str(new), "--base", "generalist", "--name", "x",
+                               "--replay-fraction", "0.5", *FAST])
+    assert bad.exit_code == 2 and "--replay-fraction needs --replay" in bad.output
