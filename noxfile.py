@@ -29,7 +29,7 @@ def tests(session: nox.Session) -> None:
     for plugin in sorted(glob.glob("tests/plugins/dists/*/pyproject.toml")):
         session.install(plugin.rsplit("/", 1)[0])
     # the OpenVINO backbone, a separate distribution: its tests and the contract kit's
-    session.install("./plugins/openvino")
+    session.install("./plugins/openvino[int8]")
     session.run("pytest", *session.posargs)
 
 
@@ -158,7 +158,7 @@ def bench(session: nox.Session) -> None:
     """Speed against Cellpose 3.1.1.2 measured in the same run; results in benchmarks/results/."""
     _reference_env(session)
     # bench_runtime: the OpenVINO backbone plugin, and ONNX Runtime measured beside it
-    session.install("psutil", "./plugins/openvino", "onnxruntime", "onnx")
+    session.install("psutil", "./plugins/openvino[int8]", "onnxruntime", "onnx")
     _run_scripts(session, "benchmarks/bench_*.py")
 
 

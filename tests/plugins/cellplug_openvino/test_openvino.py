@@ -194,3 +194,40 @@ def test_precision_follows_bf16_autocast_and_bad_options_are_refused(tmp_path):
                                                         "precision": "fp16"}))
     with pytest.raises(ValueError, match="runtime backbone"):
         build_backbone(Subject("backbone", "openvino", {"base": "openvino"}))
+
+
+def test_int8_is_quantised_once_per_calibration_and_needs_images(tmp_path, data_dir):
+    pytest.importorskip("nncf", reason="int8 needs cellplug-openvino[int8] (nncf)")
+    import torch
+
+    from cellplug.testing import build_backbone
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    shutil.copy(data_dir / "usiigaci_phc.tif", calib / "a.tif")  # 256 px: one 224 px tile set
+    shutil.copy(data_dir / "usiigaci_phc_masks.tif", calib / "a_masks.tif")  # not an image
+    options = {"base": "example-tiny", "cache_dir": str(tmp_path / "cache"),
+               "precision": "int8", "calibration": str(calib)}
+    assert [p.name for p in runtime.calibration_files(calib)] == ["a.tif"]
+    net = build_backbone(Subject("backbone", "openvino", options))
+    x = torch.rand(2, 2, 64, 64)
+    with torch.inference_mode():
+        got = net(x)[0]
+    runner = runtime.runner_of(net)
+    assert runner.stats["quantise_seconds"] > 0
+    (int8_dir,) = runner.entry_dir().glob("int8-*")
+    entry = json.loads((int8_dir / "entry.json").read_text())
+    assert entry["calibration_tiles_used"] == 4 and entry["files"][0][0] == "a.tif"
+    net.__class__ = type(net).__mro__[2]  # the plain torch class: the float32 reference
+    with torch.inference_mode():
+        want = net(x)[0]
+    assert torch.isfinite(got).all() and not torch.equal(got, want)  # quantised, not f32
+    assert (got - want).abs().mean() < 0.05 * want.abs().mean() + 1e-3
+    again = build_backbone(Subject("backbone", "openvino", options))
+    with torch.inference_mode():
+        again(x)
+    assert "quantise_seconds" not in runtime.runner_of(again).stats  # from the cache
+    with pytest.raises(ValueError, match="precision 'int8' needs calibration"):
+        build_backbone(Subject("backbone", "openvino", {**options, "calibration": None}))
+    with pytest.raises(ValueError, match="no images in it"):
+        runtime.calibration_files(tmp_path / "cache")

@@ -16,6 +16,7 @@ def build_openvino(
     precision: str = "auto",
     threads: int | None = None,
     cache_dir: str | None = None,
+    calibration: str | None = None,
     **base_options: Any,
 ) -> Any:
     """The ``openvino`` backbone: backbone ``base`` (a torch backbone) run by OpenVINO.
@@ -28,7 +29,10 @@ def build_openvino(
     autocast, i.e. ``--precision bf16`` or ``auto`` on a CPU with native bfloat16; else
     float32), ``"f32"`` or ``"bf16"``; ``threads``: OpenVINO's inference threads (default:
     torch's thread count at the time of the first pass); ``cache_dir``: where exported models
-    are kept (default ``$CELLPLUG_CACHE/openvino``, ``~/.cache/cellplug/openvino``). Other
+    are kept (default ``$CELLPLUG_CACHE/openvino``, ``~/.cache/cellplug/openvino``).
+    ``precision="int8"`` quantises the network (NNCF post-training quantisation, needs the
+    ``nncf`` package) and needs ``calibration``: an image, or a folder of images like the ones
+    to segment; the quantised model is cached per weights and calibration images. Other
     options go to ``base``'s factory.
     """
     from cellplug.plugins import get_registry
@@ -39,7 +43,8 @@ def build_openvino(
     if getattr(factory, "runs", None) is not None:
         raise ValueError(f"base {base!r} is itself a runtime backbone; give a torch backbone")
     net = factory(n_channels=n_channels, n_outputs=n_outputs, **base_options)
-    return accelerate(net, base=base, precision=precision, threads=threads, cache_dir=cache_dir)
+    return accelerate(net, base=base, precision=precision, threads=threads, cache_dir=cache_dir,
+                      calibration=calibration)
 
 
 # The backbone contract's optional declarations (cellplug.hookspecs.register_backbones):

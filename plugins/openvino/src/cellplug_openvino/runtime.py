@@ -20,6 +20,9 @@ The cache, under ``cache_dir`` (default ``$CELLPLUG_CACHE/openvino`` or
   bytes, plus the base backbone's name), so changed weights get a new entry. An entry is
   used only when ``entry.json`` names the same key, base and OpenVINO version and the files'
   own sha256 match; otherwise it is stale: it is exported again and replaced.
+- ``<sha256>/int8-<key>/``: the int8 model quantised from it (precision ``"int8"``): NNCF's
+  post-training quantisation, calibrated on tiles of the images given as ``calibration``;
+  the key covers the calibration files' sha256, the settings and the NNCF version.
 - ``compiled/``: OpenVINO's own cache of compiled models (``CACHE_DIR``), one blob per input
   shape and precision, keyed by OpenVINO on the model's content.
 """
@@ -41,6 +44,10 @@ import numpy as np
 import torch
 
 ENTRY_FILES = ("model.xml", "model.bin")
+PRECISIONS = ("auto", "f32", "bf16", "int8")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+CALIBRATION_TILES = 300  # NNCF's default subset size
+CALIBRATION_TILE = 224
 MAX_COMPILED = 8  # input shapes kept compiled in memory (tiles, the last partial batch, ...)
 
 
@@ -97,9 +104,15 @@ class Runner:
     """The OpenVINO side of one accelerated module: its cache entry and compiled shapes."""
 
     def __init__(self, base: str, precision: str, threads: int | None,
-                 cache_dir: str | os.PathLike[str] | None) -> None:
-        if precision not in ("auto", "f32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'f32' or 'bf16', got {precision!r}")
+                 cache_dir: str | os.PathLike[str] | None,
+                 calibration: str | os.PathLike[str] | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {precision!r}")
+        if (precision == "int8") != (calibration is not None):
+            raise ValueError("precision 'int8' needs calibration=<images: a folder or a file> "
+                             "(and calibration is only used by int8)")
+        self.calibration = None if calibration is None else calibration_files(calibration)
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be at least 1, got {threads!r}")
         self.base = base
@@ -192,8 +205,55 @@ class Runner:
         else:
             self.stats["cache"] = "hit"
             self.stats["export_seconds"] = 0.0
+        if self.precision == "int8":
+            folder = self._int8_entry(folder, n_channels)
         self._model = _core(str(self.cache_dir / "compiled")).read_model(folder / "model.xml")
         self._compiled.clear()
+
+    def _int8_entry(self, f32_folder: Path, n_channels: int) -> Path:
+        """The int8 model quantised from the float32 one in ``f32_folder`` (made if absent
+        or stale)."""
+        import nncf
+
+        assert self.calibration is not None
+        settings = {"tiles": CALIBRATION_TILES, "tile": CALIBRATION_TILE, "preset": "mixed",
+                    "fast_bias_correction": True, "nncf": nncf.__version__,
+                    "files": [[p.name, _file_sha256(p)] for p in self.calibration]}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        folder = f32_folder / f"int8-{key}"
+        if (folder / "entry.json").exists() and self._int8_ok(folder, key):
+            return folder
+        t0 = time.perf_counter()
+        tiles = calibration_tiles(self.calibration, n_channels)
+        model = _ov().Core().read_model(f32_folder / "model.xml")
+        quantised = nncf.quantize(
+            model, nncf.Dataset([t[None] for t in tiles]), subset_size=len(tiles),
+            preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=True)
+        tmp = f32_folder / f".tmp-int8-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _ov().save_model(quantised, tmp / "model.xml", compress_to_fp16=False)
+        entry = {"key": key, **settings, "calibration_tiles_used": len(tiles),
+                 "files_sha256": {n: _file_sha256(tmp / n) for n in ENTRY_FILES},
+                 "quantise_seconds": round(time.perf_counter() - t0, 3)}
+        (tmp / "entry.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process was first
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.stats["quantise_seconds"] = time.perf_counter() - t0
+        return folder
+
+    @staticmethod
+    def _int8_ok(folder: Path, key: str) -> bool:
+        try:
+            entry = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return entry.get("key") == key and all(
+            (folder / n).is_file() and _file_sha256(folder / n) == entry["files_sha256"].get(n)
+            for n in ENTRY_FILES)
 
     @staticmethod
     def _param_versions(net: torch.nn.Module) -> tuple[int, ...]:
@@ -203,6 +263,8 @@ class Runner:
 
     # -- running ----------------------------------------------------------------------------
     def resolved_precision(self) -> str:
+        if self.precision == "int8":  # layers left in float run in float32
+            return "f32"
         if self.precision != "auto":
             return self.precision
         autocast = torch.is_autocast_enabled("cpu") and (
@@ -261,16 +323,56 @@ def _accelerated_class(cls: type) -> type:
 
 def accelerate(net: torch.nn.Module, *, base: str = "", precision: str = "auto",
                threads: int | None = None,
-               cache_dir: str | os.PathLike[str] | None = None) -> torch.nn.Module:
+               cache_dir: str | os.PathLike[str] | None = None,
+               calibration: str | os.PathLike[str] | None = None) -> torch.nn.Module:
     """Make ``net`` (a torch backbone module) run its inference passes with OpenVINO.
 
     Returns the same object, its class swapped for a subclass whose ``forward`` runs
     OpenVINO when no gradient is wanted. ``base`` names the backbone (part of the cache key).
+    ``calibration`` (images) is needed by, and only by, ``precision="int8"``.
     """
-    runner = Runner(base, precision, threads, cache_dir)
+    runner = Runner(base, precision, threads, cache_dir, calibration)
     net.__class__ = _accelerated_class(type(net))
     net._ov_runner = runner  # a plain attribute: not a parameter, not in the state dict
     return net
+
+
+def calibration_files(where: str | os.PathLike[str]) -> list[Path]:
+    """The images of ``where`` (an image file, or a folder's images; label images such as
+    ``*_masks.tif`` left out), sorted by name."""
+    path = Path(where)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"calibration {str(path)!r}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(t in p.stem.lower() for t in ("_mask", "_label", "_flow")))
+    if not files:
+        raise ValueError(f"calibration {str(path)!r}: no images in it")
+    return files
+
+
+def calibration_tiles(files: list[Path], n_channels: int, n: int = CALIBRATION_TILES,
+                      seed: int = 0) -> np.ndarray:
+    """float32 (N, C, 224, 224): network inputs as the segmenter makes them (normalised,
+    Cellpose's 224 px tiles), ``n`` of them drawn evenly over ``files`` with ``seed``."""
+    from cellplug import tiling
+    from cellplug.io import read_image
+    from cellplug.transforms import prepare_image
+
+    tiles = []
+    for path in files:
+        x = prepare_image(read_image(path), (0, 0), n_channels)
+        padded, _ = tiling.pad_image(x)
+        grid = tiling.tile_grid(padded.shape[1], padded.shape[2], CALIBRATION_TILE, 0.1)
+        cut = tiling.cut_tiles(padded, grid)
+        if cut.shape[2:] == (CALIBRATION_TILE, CALIBRATION_TILE):
+            tiles.append(cut)
+    if not tiles:
+        raise ValueError(f"calibration: no image of at least {CALIBRATION_TILE} px a side")
+    every = np.concatenate(tiles)
+    pick = np.random.default_rng(seed).permutation(len(every))[:n]
+    return np.ascontiguousarray(every[np.sort(pick)])
 
 
 def runner_of(net: torch.nn.Module) -> Runner | None:
