@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -56,7 +57,11 @@ CONFIGS: dict[str, dict] = {
     "openvino fp32": {"engine": "cellplug", "precision": "fp32", "backbone": "openvino"},
     "onnxruntime fp32": {"engine": "ort", "precision": "fp32"},
     "openvino bf16": {"engine": "cellplug", "precision": "bf16", "backbone": "openvino"},
+    # int8 convolutions (NNCF post-training quantisation), the rest float32: see --calibration
+    "openvino int8": {"engine": "cellplug", "precision": "fp32", "backbone": "openvino",
+                      "int8": True},
 }
+CALIBRATION_IMAGES = 24
 
 
 # -- the ONNX Runtime stand-in ----------------------------------------------------------------
@@ -113,6 +118,8 @@ def worker(args: argparse.Namespace) -> None:
         from cellplug.segmenter import Segmenter, SegmentOptions
 
         options = {"cache_dir": args.cache} if spec.get("backbone") == "openvino" else {}
+        if spec.get("int8"):
+            options.update(precision="int8", calibration=args.calibration)
         seg = Segmenter.from_model(args.model, backbone=spec.get("backbone"),
                                    backbone_options=options or None)
         if spec["engine"] == "ort":
@@ -144,35 +151,60 @@ def worker(args: argparse.Namespace) -> None:
 def _run(config: str, image: Path, model: str, cache: Path, stem: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--config", config, "--image", str(image),
            "--model", model, "--cache", str(cache), "--masks-out", f"{stem}.npy",
-           "--result-out", f"{stem}.json"]
+           "--result-out", f"{stem}.json", "--calibration", str(cache.parent / "calibration")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{config} on {image.name}: worker failed\n{proc.stderr[-3000:]}")
     return json.loads(Path(f"{stem}.json").read_text())
 
 
-def cold_runs(image: Path, model: str, cache: Path, tmp: Path, onnx: bool) -> dict:
+def calibration_folder(folder: Path, n: int = CALIBRATION_IMAGES, seed: int = 0) -> Path:
+    """``n`` dsb2018 training images (never the validation split), all modalities: what the
+    int8 configuration is calibrated on."""
+    import shutil
+
+    root = data_root() / "dsb2018"
+    val = set((Path(__file__).resolve().parents[1] / "training/generalist/val_stems.txt")
+              .read_text().split())
+    stems = sorted(p.name[: -len("_masks.tif")] for p in root.glob("*_masks.tif"))
+    pool = [s for s in stems if s not in val]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in np.random.default_rng(seed).permutation(len(pool))[:n]:
+        shutil.copy(root / f"{pool[i]}.tif", folder / f"{pool[i]}.tif")
+    return folder
+
+
+def cold_runs(image: Path, model: str, cache: Path, tmp: Path, onnx: bool,
+              int8: bool = False) -> dict:
     """First runs with an empty cache (OpenVINO: export + compile seconds; ONNX Runtime:
-    export), which leave ``cache`` warm for the timed runs."""
+    export; int8: quantisation), which leave ``cache`` warm for the timed runs."""
     res = _run("openvino fp32", image, model, cache, tmp / "ov_cold")
     out = {"process_seconds": res["process_seconds"], **res["openvino_first_run"],
            "image": image.name}
+    if int8:
+        res8 = _run("openvino int8", image, model, cache, tmp / "ov_int8_cold")
+        out["int8_process_seconds"] = res8["process_seconds"]
+        out["int8_quantise_seconds"] = res8["openvino_first_run"].get("quantise_seconds")
     if onnx:
         out["onnxruntime_process_seconds"] = _run(
             "onnxruntime fp32", image, model, cache, tmp / "ort_cold")["process_seconds"]
     return out
 
 
-def validation_ap(model: str, limit: int | None) -> dict:
-    """AP@0.5 on the validation split (size model, no diameter), torch fp32 vs OpenVINO fp32."""
+def validation_ap(model: str, limit: int | None, int8_options: dict | None = None) -> dict:
+    """AP@0.5 on the validation split (size model, no diameter), torch fp32 vs OpenVINO fp32
+    (and OpenVINO int8 with ``int8_options``)."""
     from cellplug.io import read_image, read_labels
     from cellplug.metrics import average_precision
     from cellplug.segmenter import Segmenter
 
     items = validation_images(limit)
     out = {}
-    for name, backbone in (("torch fp32", None), ("openvino fp32", "openvino")):
-        seg = Segmenter.from_model(model, backbone=backbone)
+    runs = [("torch fp32", None, None), ("openvino fp32", "openvino", None)]
+    if int8_options:
+        runs.append(("openvino int8", "openvino", int8_options))
+    for name, backbone, options in runs:
+        seg = Segmenter.from_model(model, backbone=backbone, backbone_options=options)
         aps, by = [], {}
         t0 = time.perf_counter()
         for img, lab, modality in items:
@@ -184,6 +216,9 @@ def validation_ap(model: str, limit: int | None) -> dict:
                      "by_modality": {k: float(np.mean(v)) for k, v in sorted(by.items())},
                      "seconds": round(time.perf_counter() - t0, 1), "per_image": aps}
     out["difference"] = out["openvino fp32"]["mean_ap50"] - out["torch fp32"]["mean_ap50"]
+    if int8_options:
+        out["difference_int8"] = (out["openvino int8"]["mean_ap50"]
+                                  - out["torch fp32"]["mean_ap50"])
     return out
 
 
@@ -194,8 +229,11 @@ def main() -> int:
     ap.add_argument("--no-val", action="store_true", help="skip the validation-split AP")
     ap.add_argument("--val-limit", type=int, default=None)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-int8", action="store_true",
+                    help="skip int8 (skipped anyway without cellplug-openvino[int8])")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the .md from a results .json")
-    for hidden in ("--config", "--image", "--cache", "--masks-out", "--result-out"):
+    for hidden in ("--config", "--image", "--cache", "--masks-out", "--result-out",
+                   "--calibration"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,8 +260,10 @@ def main() -> int:
     from cellplug.metrics import average_precision
     from cellplug.models import resolve_model
 
+    int8 = importlib.util.find_spec("nncf") is not None and not args.no_int8
     configs = [c for c in CONFIGS if not (c.startswith("onnx") and args.no_onnx)
-               and not (c.endswith("bf16") and not bf16_supported())]
+               and not (c.endswith("bf16") and not bf16_supported())
+               and not (c.endswith("int8") and not int8)]
     model = args.model or str(resolve_model(None).weights)
     started, load_start = time.time(), os.getloadavg()
     rows: list[dict] = []
@@ -236,7 +276,8 @@ def main() -> int:
             images[size] = tmp / f"mosaic_{size}.tif"
             tifffile.imwrite(images[size], make_image(size, data_root()))
         cache = tmp / "cache"
-        cold = cold_runs(images[args.sizes[0]], model, cache, tmp, not args.no_onnx)
+        calibration_folder(tmp / "calibration")
+        cold = cold_runs(images[args.sizes[0]], model, cache, tmp, not args.no_onnx, int8)
         print(f"empty cache: {cold}", flush=True)
         for size in args.sizes:
             for config in configs:
@@ -252,11 +293,13 @@ def main() -> int:
                 if r["size"] == size:
                     masks = np.load(tmp / f"{r['config'].replace(' ', '_')}_{size}.npy")
                     r["ap50_vs_cellpose"] = float(average_precision(ref, masks, [0.5])[0])
+        val = None if args.no_val else validation_ap(
+            model, args.val_limit, {"precision": "int8", "calibration": str(
+                tmp / "calibration"), "cache_dir": str(cache)} if int8 else None)
     for r in rows:
         base = next(b for b in rows if b["size"] == r["size"] and b["config"] == "cellpose")
         r["process_speedup"] = base["process_seconds"] / r["process_seconds"]
         r["segment_speedup"] = base["segment_seconds"] / r["segment_seconds"]
-    val = None if args.no_val else validation_ap(model, args.val_limit)
     doc = {
         "benchmark": "bench_runtime",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -296,7 +339,7 @@ def _markdown(doc: dict) -> str:
     m = doc["machine"]
     cold = doc["openvino_cold_cache"]
     lines = [
-        "# Float32 CPU runtimes: Cellpose 3.1.1.2 vs cellplug on torch, OpenVINO, ONNX Runtime",
+        "# CPU runtimes: Cellpose 3.1.1.2 vs cellplug on torch, OpenVINO, ONNX Runtime",
         "",
         f"- date: {doc['date']}; machine: {m.get('cpu_model') or m.get('cpu')}, "
         f"{m['logical_cpus']} logical CPUs; load average {doc['load_average_start']} at "
@@ -311,6 +354,11 @@ def _markdown(doc: dict) -> str:
         f"{cold['export_seconds']:.1f} s, compile {cold['compile_seconds']:.1f} s, whole "
         f"process {cold['process_seconds']:.1f} s (ONNX Runtime, export included: "
         f"{cold.get('onnxruntime_process_seconds', float('nan')):.1f} s)",
+        *([f"- int8: quantised once per weights and calibration images ({CALIBRATION_IMAGES} "
+           f"dsb2018 training images, never the validation split; NNCF post-training "
+           f"quantisation, 300 tiles): {cold['int8_quantise_seconds']:.1f} s, whole first "
+           f"process {cold['int8_process_seconds']:.1f} s"] if "int8_process_seconds" in cold
+          else []),
         "",
         "| size | configuration | process s | speed-up | segment s | speed-up | objects | "
         "AP@0.5 vs Cellpose | peak RSS MB |",
@@ -325,11 +373,16 @@ def _markdown(doc: dict) -> str:
     val = doc.get("validation")
     if val:
         lines += ["", "## Validation split (AP@0.5, no diameter given, float32)", ""]
-        for name in ("torch fp32", "openvino fp32"):
+        for name in ("torch fp32", "openvino fp32", "openvino int8"):
+            if name not in val:
+                continue
             v = val[name]
             lines.append(f"- {name}: {v['mean_ap50']:.4f} over {v['n_images']} images "
                          f"({v['by_modality']}), {v['seconds']} s")
         lines.append(f"- difference (OpenVINO - torch): {val['difference']:+.4f}")
+        if "difference_int8" in val:
+            lines.append(f"- difference (OpenVINO int8 - torch fp32): "
+                         f"{val['difference_int8']:+.4f}")
     return "\n".join(lines) + "\n"
 
 
