@@ -229,6 +229,7 @@ def cellprofiler(session: nox.Session) -> None:
 
 # napari as measured beside torch 2.13.0 (issue 22), with its Qt 6 backend
 NAPARI = "napari[pyqt6]==0.9.2"
+NAPARI_OME_ZARR = "napari-ome-zarr==0.10.0"
 
 
 @nox.session
@@ -241,9 +242,13 @@ def napari(session: nox.Session) -> None:
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         session.error("no display: run it under Xvfb, `xvfb-run -a nox -s napari`")
     session.install(TORCH)
-    session.install("-e", ".", "-e", "bridges/napari[test]", NAPARI)
+    session.install("-e", ".[test,scale]", "-e", "bridges/napari[test]", NAPARI,
+                    NAPARI_OME_ZARR)
     with session.chdir("bridges/napari"):
         session.run("pytest", "-p", "no:cacheprovider", *session.posargs)
+    if not session.posargs:  # the core's OME-Zarr output opened by napari's own reader
+        session.run("pytest", "-p", "no:cacheprovider", "-rs", "tests/cellplug/test_scale.py",
+                    "-k", "napari", env={"CELLPLUG_REQUIRE_NAPARI": "1"})
 
 
 # ImageJ 1.53 from Debian (libij-java; Maven, and so Fiji's jars, are out of reach here), run
@@ -272,7 +277,7 @@ def scale(session: nox.Session) -> None:
     benchmarks/results/scale_*.{json,md}. About an hour on 2 cores: run it under the heavy
     lock. After ``--``: one part and its options, e.g. ``-- seams --size 4096``."""
     install_cellplug(session, "test", "scale")
-    session.install("napari==0.9.2", "napari-ome-zarr==0.10.0")
+    session.install("napari==0.9.2", NAPARI_OME_ZARR)
     if not session.posargs:
         session.run("pytest", "-q", "-rs", "tests/cellplug/test_scale.py", "-k", "napari")
     parts = [session.posargs] if session.posargs else [["seams"], ["memory"], ["throughput"]]
