@@ -129,6 +129,7 @@ def main() -> None:
     rois = [int(np.unique(a.labels[a.labels > 0]).size) for a in anns]
     print(f"corrected images: {[a.stem for a in anns]}, ROIs {rois}", flush=True)
     replay = replay_images(args.replay) if args.replay else []
+    recipe = "hitl-replay" if replay else "hitl"  # train's default with and without --replay
     if replay:
         print(f"replayed dsb2018 training images: {[a.stem for a in replay]}", flush=True)
 
@@ -151,7 +152,7 @@ def main() -> None:
                 rows.append(done[k])
                 print(json.dumps(done[k]), flush=True)
                 continue
-            config = recipe_config("hitl", threads=args.threads, bf16=bf16, seed=0,
+            config = recipe_config(recipe, threads=args.threads, bf16=bf16, seed=0,
                                    epochs=args.epochs)
             w0, c0 = time.perf_counter(), time.process_time()
             result = fine_tune(anns[:k], str(args.base), out_path=Path(tmp) / f"k{k}.pth",
@@ -169,7 +170,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     doc = {"base": str(args.base), "base_sha256": file_sha256(args.base),
-           "recipe": recipe_config("hitl", epochs=args.epochs).__dict__,
+           "recipe_name": recipe, "recipe": recipe_config(recipe, epochs=args.epochs).__dict__,
            "precision": args.precision, "threads": args.threads, "quick": args.quick,
            "replay": {"n_images": len(replay), "stems": [a.stem for a in replay],
                       "fraction": args.replay_fraction} if replay else None,
@@ -185,7 +186,8 @@ def main() -> None:
 
 def _markdown(doc: dict) -> str:
     lines = ["# Human-in-the-loop benchmark", "",
-             f"Base: `{doc['base']}` (sha256 {doc['base_sha256'][:12]}), recipe hitl, "
+             f"Base: `{doc['base']}` (sha256 {doc['base_sha256'][:12]}), recipe "
+             f"{doc.get('recipe_name', 'hitl')} ({doc['recipe']['epochs']} epochs), "
              f"precision {doc['precision']}, {doc['threads']} threads. AP@0.5 is the mean over "
              f"validation images, no diameter given.", "",
              *([f"Replay: {doc['replay']['n_images']} dsb2018 training images rehearsed, "

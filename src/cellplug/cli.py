@@ -708,11 +708,12 @@ def _is_val(stem: str, fraction: float, seed: int) -> bool:
                    "overwrites: name each round, e.g. mylab-r1, mylab-r2).")
 @click.option("--base", "base_ref", default=None,
               help="Start from this model (name or path): fine-tuning.")
-@click.option("--recipe", type=click.Choice(["hitl", "scratch"]), default=None,
+@click.option("--recipe", type=click.Choice(["hitl", "hitl-replay", "scratch"]), default=None,
               help="Defaults for the options below: hitl (Cellpose 2.0's recipe for 1-10 "
                    "corrected images: SGD lr 0.1, weight decay 1e-4, 100 epochs, no warm-up; "
-                   "the default with --base) or scratch (AdamW lr 0.005, weight decay 1e-5, "
-                   "10 warm-up epochs; the default without).")
+                   "the default with --base), hitl-replay (the same with 150 epochs; the "
+                   "default with --base and --replay) or scratch (AdamW lr 0.005, weight "
+                   "decay 1e-5, 10 warm-up epochs; the default without).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
 @click.option("--source", "source_name", default=None,
               help="Annotation source (default: auto-detect).")
@@ -836,7 +837,7 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
     backbone, backbone_opts = _train_backbone(backbone, _key_values(
         backbone_options, "--backbone-option"), registry)
     config = recipe_config(
-        recipe or ("hitl" if base_ref else "scratch"),
+        recipe or ("scratch" if not base_ref else "hitl-replay" if replay_sources else "hitl"),
         backbone=backbone, backbone_options=backbone_opts or None, decoder=decoder_name,
         epochs=epochs, batch_size=batch_size, patch=patch, learning_rate=learning_rate,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, optimizer=optimizer,

@@ -43,6 +43,8 @@ def test_recipes_and_overrides():
     hitl = recipe_config("hitl")
     assert (hitl.optimizer, hitl.learning_rate, hitl.weight_decay, hitl.warmup_epochs,
             hitl.epochs, hitl.batch_size) == ("sgd", 0.1, 1e-4, 0, 100, 8)
+    replay = recipe_config("hitl-replay")  # half the batch rehearses: more epochs
+    assert replay.epochs == 150 and {**replay.__dict__, "epochs": 100} == hitl.__dict__
     assert recipe_config("scratch").optimizer == "adamw"
     assert recipe_config("hitl", epochs=7, learning_rate=None).epochs == 7
     with pytest.raises(CellplugError, match="unknown recipe 'fast'"):
