@@ -187,7 +187,8 @@ CELLPROFILER_APP_DEPS = ("imageio", "Jinja2", "joblib", "sentry-sdk~=2.8.0", "ra
 @nox.session
 def hitl(session: nox.Session) -> None:
     """Human-in-the-loop benchmark (issue 20; needs ../shared/data): fine-tunes the nuclei-only
-    model (training/nuclei/train.sh, ~50 min on 2 cores) on 1, 2, 3 and 5 Usiigaci images.
+    model (training/nuclei/train.sh, ~50 min on 2 cores) on 1, 2, 3 and 5 Usiigaci images,
+    rehearsing 16 dsb2018 training images (``-- --replay 0``: without).
     After ``--``: benchmarks/hitl.py's options (default base: runs/nuclei/nuclei.pth)."""
     install_cellplug(session)
     session.run("python", "benchmarks/hitl.py", *session.posargs)

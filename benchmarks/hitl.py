@@ -12,7 +12,10 @@ split, <= 200 ROIs in all), then scored, with no diameter given, on
 
 Usage (``nox -s hitl`` runs it with the default model path)::
 
-    python benchmarks/hitl.py --base runs/nuclei/nuclei.pth [--counts 1 2 3 5] [--quick]
+    python benchmarks/hitl.py --base runs/nuclei/nuclei.pth [--counts 1 2 3 5] [--replay 16]
+
+With ``--replay N`` (default 16) the fine-tune rehearses N dsb2018 training images
+(``train --replay``, recipe ``hitl-replay``); ``--replay 0`` is the plain ``hitl`` recipe.
 
 Results: ``benchmarks/results/hitl.json`` and ``hitl.md`` (with the machine).
 """
@@ -100,8 +103,9 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's 100")
-    ap.add_argument("--replay", type=int, default=0, metavar="N",
-                    help="rehearse N dsb2018 training images (train --replay); 0: none")
+    ap.add_argument("--replay", type=int, default=16, metavar="N",
+                    help="rehearse N dsb2018 training images (train --replay); 0: none, "
+                         "the plain hitl recipe")
     ap.add_argument("--replay-fraction", type=float, default=None,
                     help="share of each batch from the replay images (default: cellplug's)")
     ap.add_argument("--quick", action="store_true", help="a few images only (a smoke test)")

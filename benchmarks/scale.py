@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import resource
 import shutil
@@ -174,12 +175,53 @@ def seams(args: argparse.Namespace) -> dict:
     m = match(whole, blocks)
     cuts = cut_counts(whole, blocks, args.block, m)
     m.pop("pairs")
-    return {"size": args.size, "block": args.block, "halo": res.layout.halo,
+    extra = {"ap50_away_from_lines": away_from_lines(whole, blocks, args.block, d)}
+    if not args.no_floor:  # the same whole-image method, its tile grid shifted half a tile
+        t0 = time.perf_counter()
+        extra.update(tiling_floor(seg, image, whole, opts, d))
+        extra["floor_seconds"] = time.perf_counter() - t0
+    return {**extra, "size": args.size, "block": args.block, "halo": res.layout.halo,
             "diameter": d, "diameter_seconds": t_diam, "precision": args.precision,
             "threads": args.threads, "blockwise_seconds": t_block, "whole_seconds": t_whole,
             "objects_whole": int(m["n_a"]), "objects_blockwise": int(m["n_b"]),
             "candidates": res.n_candidates, "ap50_block_vs_whole": m["ap50"],
             "matched": m["tp"], **cuts}
+
+
+def _drop(labels: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``labels`` without the objects that have a pixel in ``where``."""
+    lut = np.arange(int(labels.max()) + 1, dtype=labels.dtype)
+    lut[np.unique(labels[where])] = 0
+    return lut[labels]
+
+
+def away_from_lines(whole: np.ndarray, blocks: np.ndarray, block: int, d: float) -> float:
+    """AP@0.5 between the two results over objects more than one diameter from every block
+    boundary line (in either result): their differences are not seams."""
+    near = np.zeros(whole.shape, bool)
+    r = int(math.ceil(d))
+    for k in range(block, whole.shape[0], block):
+        near[k - r:k + r] = True
+    for k in range(block, whole.shape[1], block):
+        near[:, k - r:k + r] = True
+    m = match(_drop(whole, near), _drop(blocks, near))
+    return m["ap50"]
+
+
+def tiling_floor(seg, image, whole: np.ndarray, opts, d: float) -> dict:
+    """The noise floor of the comparison: the whole image segmented again with its origin
+    moved by half a network tile (so every 224 px tile falls elsewhere), against the first
+    whole-image result, over the region both see with two diameters of context."""
+    rescale = seg.model.diam_mean / d
+    s = int(round(112 / rescale))
+    again = seg.segment(np.asarray(image[s:, s:]), opts).labels
+    edge = np.zeros(again.shape, bool)
+    r = int(math.ceil(2 * d))
+    edge[:r] = True
+    edge[:, :r] = True
+    m = match(_drop(whole[s:, s:], edge), _drop(again, edge))
+    return {"floor_shift_px": s, "ap50_whole_vs_shifted_whole": m["ap50"],
+            "floor_objects": m["n_a"]}
 
 
 MEMORY_CHILD = r"""
@@ -307,6 +349,9 @@ def main() -> None:
     ap.add_argument("--diameter", type=float, default=14.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--tag", default="", help="results go to scale_<part>_<tag>.{json,md}")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="seams: skip the whole-image run with a shifted tile grid")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
@@ -316,8 +361,9 @@ def main() -> None:
            "load_at_start": round(load, 2),
            "max_rss_driver_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
            "result": result}
-    write_json(RESULTS / f"scale_{args.part}.json", doc)
-    (RESULTS / f"scale_{args.part}.md").write_text(to_markdown(args.part, doc))
+    name = f"scale_{args.part}{'_' + args.tag if args.tag else ''}"
+    write_json(RESULTS / f"{name}.json", doc)
+    (RESULTS / f"{name}.md").write_text(to_markdown(args.part, doc))
     print(json.dumps(result, indent=2, default=str)[:3000])
 
 
