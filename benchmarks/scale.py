@@ -114,13 +114,15 @@ def match(a: np.ndarray, b: np.ndarray) -> dict:
             "pairs": pairs}
 
 
-def boundary_status(labels: np.ndarray, block: int) -> tuple[set, set]:
+def boundary_status(labels: np.ndarray, block: int, offset: int = 0) -> tuple[set, set]:
     """(ids crossing a block boundary line, ids touching one): a line lies between pixel
     rows (columns) k*block-1 and k*block; an object crosses it when it has pixels on both
     sides there, and touches it when it has a pixel on either side."""
     cross, touch = set(), set()
     for axis in (0, 1):
-        for k in range(block, labels.shape[axis], block):
+        for k in range(block - offset, labels.shape[axis], block):
+            if k < 1:
+                continue
             before = np.take(labels, k - 1, axis=axis)
             after = np.take(labels, k, axis=axis)
             cross.update(np.unique(before[(before == after) & (before > 0)]).tolist())
@@ -129,13 +131,14 @@ def boundary_status(labels: np.ndarray, block: int) -> tuple[set, set]:
     return cross, touch
 
 
-def cut_counts(whole: np.ndarray, blocks: np.ndarray, block: int, m: dict) -> dict:
+def cut_counts(whole: np.ndarray, blocks: np.ndarray, block: int, m: dict,
+               offset: int = 0) -> dict:
     """Objects cut at a block boundary: the issue's count (objects touching a boundary line
     in one result and not in the other, over matched pairs, plus unmatched objects touching
     a line), and the strict one (a whole-image object crossing a line whose block-wise match
     only touches it, i.e. ends there)."""
-    cw, tw = boundary_status(whole, block)
-    cb, tb = boundary_status(blocks, block)
+    cw, tw = boundary_status(whole, block, offset)
+    cb, tb = boundary_status(blocks, block, offset)
     pairs = m["pairs"]
     touch_differs = sum((a in tw) != (b in tb) for a, b in pairs.items())
     unmatched_w = len(tw - set(pairs))
@@ -178,7 +181,7 @@ def seams(args: argparse.Namespace) -> dict:
     extra = {"ap50_away_from_lines": away_from_lines(whole, blocks, args.block, d)}
     if not args.no_floor:  # the same whole-image method, its tile grid shifted half a tile
         t0 = time.perf_counter()
-        extra.update(tiling_floor(seg, image, whole, opts, d))
+        extra.update(tiling_floor(seg, image, whole, opts, d, args.block))
         extra["floor_seconds"] = time.perf_counter() - t0
     return {**extra, "size": args.size, "block": args.block, "halo": res.layout.halo,
             "diameter": d, "diameter_seconds": t_diam, "precision": args.precision,
@@ -208,7 +211,7 @@ def away_from_lines(whole: np.ndarray, blocks: np.ndarray, block: int, d: float)
     return m["ap50"]
 
 
-def tiling_floor(seg, image, whole: np.ndarray, opts, d: float) -> dict:
+def tiling_floor(seg, image, whole: np.ndarray, opts, d: float, block: int) -> dict:
     """The noise floor of the comparison: the whole image segmented again with its origin
     moved by half a network tile (so every 224 px tile falls elsewhere), against the first
     whole-image result, over the region both see with two diameters of context."""
@@ -220,8 +223,11 @@ def tiling_floor(seg, image, whole: np.ndarray, opts, d: float) -> dict:
     edge[:r] = True
     edge[:, :r] = True
     m = match(_drop(whole[s:, s:], edge), _drop(again, edge))
+    # the same "cut" counts at the block lines, between two whole-image results: what the
+    # metric finds where there is no block boundary at all
+    cuts = cut_counts(_drop(whole[s:, s:], edge), _drop(again, edge), block, m, offset=s)
     return {"floor_shift_px": s, "ap50_whole_vs_shifted_whole": m["ap50"],
-            "floor_objects": m["n_a"]}
+            "floor_objects": m["n_a"], **{f"floor_{k}": v for k, v in cuts.items()}}
 
 
 MEMORY_CHILD = r"""
