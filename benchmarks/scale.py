@@ -290,12 +290,24 @@ def throughput(args: argparse.Namespace) -> dict:
     for x in prepared:
         seg.network(x, rescale, opts)
     t_net = time.perf_counter() - t0
-    runs = {}
-    for name, extra in (("1 worker (2 torch threads)", ["--threads", "2"]),
-                        ("2 local workers (1 torch thread each)", ["--workers", "2"])):
+    runs, in_run = {}, {}
+    summary = RUNS / "tp_summary.csv"
+
+    def network_share(workers: int, wall: float) -> float:
+        # the share of the workers' wall time spent in the network pass (the run's own
+        # per-image timings): what the rest of the pipeline leaves to the network
+        with open(summary, newline="") as fh:
+            net = sum(float(r["network_seconds"]) for r in csv.DictReader(fh))
+        return net / (workers * wall)
+
+    for name, extra, workers in (("1 worker (2 torch threads)", ["--threads", "2"], 1),
+                                 ("2 local workers (1 torch thread each)", ["--workers", "2"],
+                                  2)):
         out = RUNS / "tp_out"
         shutil.rmtree(out, ignore_errors=True)
-        runs[name] = _cli(["segment", str(folder), "--out", str(out), *common, *extra])
+        runs[name] = _cli(["segment", str(folder), "--out", str(out), *common, *extra,
+                           "--summary-csv", str(summary)])
+        in_run[name] = network_share(workers, runs[name])
         print(name, runs[name], flush=True)
     from distributed import LocalCluster
 
@@ -305,7 +317,9 @@ def throughput(args: argparse.Namespace) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         name = "LocalCluster, 2 processes (1 torch thread each)"
         runs[name] = _cli(["segment", str(folder), "--out", str(out), *common, "--threads", "1",
-                           "--dask-scheduler", cluster.scheduler_address])
+                           "--dask-scheduler", cluster.scheduler_address,
+                           "--summary-csv", str(summary)])
+        in_run[name] = network_share(2, runs[name])
         print(name, runs[name], flush=True)
     n = len(files)
     net_rate = n / t_net * 3600
@@ -315,7 +329,8 @@ def throughput(args: argparse.Namespace) -> dict:
                              "note": "network pass only (2 torch threads), images prepared "
                                      "in memory beforehand; no reading, masks or writing"},
             "runs": {k: {"seconds": v, "images_per_hour": n / v * 3600,
-                         "fraction_of_network_only": n / v * 3600 / net_rate}
+                         "fraction_of_network_only": n / v * 3600 / net_rate,
+                         "network_share_of_wall": in_run[k]}
                      for k, v in runs.items()},
             "note": "wall time of the whole cellplug command (process start, model loading, "
                     "reading, network, masks, writing)"}
@@ -336,12 +351,14 @@ def to_markdown(part: str, doc: dict) -> str:
         lines += [f"| {x['size']}² | {x['seconds']:.0f} | {x['peak_rss_gib']:.2f} | "
                   f"{x['objects']} | {x['blocks']} |" for x in r["rows"]]
     else:
-        lines += ["| run | seconds | images/hour | of network-only rate |",
-                  "| --- | --- | --- | --- |",
+        lines += ["| run | seconds | images/hour | of network-only rate | network share of "
+                  "the run's wall time |", "| --- | --- | --- | --- | --- |",
                   f"| network only | {r['network_only']['seconds']:.1f} | "
-                  f"{r['network_only']['images_per_hour']:.0f} | 1.00 |"]
+                  f"{r['network_only']['images_per_hour']:.0f} | 1.00 | |"]
         lines += [f"| {k} | {v['seconds']:.1f} | {v['images_per_hour']:.0f} | "
-                  f"{v['fraction_of_network_only']:.2f} |" for k, v in r["runs"].items()]
+                  f"{v['fraction_of_network_only']:.2f} | "
+                  + (f"{v['network_share_of_wall']:.2f} |" if "network_share_of_wall" in v
+                     else " |") for k, v in r["runs"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,9 @@ from .errors import CellplugError
 
 MEASURE_PROPERTIES = ("label", "area", "centroid", "bbox", "eccentricity", "solidity",
                       "intensity_mean")
-SUMMARY_FIELDS = ("image", "status", "objects", "diameter", "seconds", "masks", "error")
+# seconds: segmenting (network and masks); network_seconds: its main network pass alone
+SUMMARY_FIELDS = ("image", "status", "objects", "diameter", "seconds", "network_seconds",
+                  "masks", "error")
 
 _SEGMENTERS: dict[tuple[Any, ...], Any] = {}
 _LOCK = threading.Lock()
@@ -183,6 +185,7 @@ def segment_file(job: FileJob, path: Path, targets: list[tuple[str, Path]],
         return _error_row(path, exc)
     return {"image": str(path), "masks": str(written[0]), "objects": result.n_objects,
             "diameter": round(result.diameter, 2), "seconds": round(seconds, 3),
+            "network_seconds": round(result.timings.get("network", float("nan")), 3),
             **({"choice": choice.to_dict()} if choice else {}),
             "outputs": [str(w) for w in written]}
 

@@ -205,6 +205,10 @@ def test_resume_skips_finished_images_and_measures(tmp_path):
     assert rows[0].startswith("image,status,objects")
     status = {Path(r.split(",")[0]).name: r.split(",")[1] for r in rows[1:]}
     assert status == {"img0.tif": "skipped", "img1.tif": "ok", "img2.tif": "skipped"}
+    import csv
+
+    done = next(r for r in csv.DictReader(rows) if r["status"] == "ok")
+    assert 0 < float(done["network_seconds"]) <= float(done["seconds"])
     table = (out / "img1_objects.csv").read_text().splitlines()
     assert table[0].split(",")[:3] == ["label", "area", "centroid-0"]
     assert "solidity" in table[0] and "intensity_mean-0" in table[0]
