@@ -209,8 +209,12 @@ def _markdown(doc: dict) -> str:
             + (f"{r['dsb2018']['ap50']:.3f} | {r.get('change_dsb2018', 0):+.3f} |"
                if "dsb2018" in r else "not scored | |"))
     m = doc["machine"]
-    lines += ["", "Wall-clock minutes were measured on a machine shared with other jobs; CPU "
-              "minutes (this process) are the fairer cost.", "", f"Machine: {m}", ""]
+    if doc.get("resumed_from"):
+        lines += ["", f"Rows printed by earlier runs of the same base, images and recipe were "
+                      f"reused from `{doc['resumed_from']}`."]
+    lines += ["", f"Wall-clock minutes on {m.get('logical_cpus')} CPUs, load average "
+              f"{m.get('load_average_at_start')} at the start; CPU minutes (this process) are "
+              f"the machine-independent cost.", "", f"Machine: {m}", ""]
     return "\n".join(lines)
 
 
