@@ -161,12 +161,13 @@ def seams(args: argparse.Namespace) -> dict:
     src = mosaic_zarr(RUNS / f"mosaic_{args.size}.zarr", args.size)
     image = zarr.open_array(str(src), mode="r")
     seg = Segmenter.from_model(None, threads=args.threads)
-    opts = SegmentOptions(precision=args.precision)
+    tile = {"on": True, "off": False}[args.tile]
+    opts = SegmentOptions(precision=args.precision, tile=tile)
     norm = global_normalisation(image, opts.channels, 2)
     t0 = time.perf_counter()
     d = estimate_diameter(seg, image, opts, norm)
     t_diam = time.perf_counter() - t0
-    opts = SegmentOptions(diameter=d, precision=args.precision)
+    opts = SegmentOptions(diameter=d, precision=args.precision, tile=tile)
     t0 = time.perf_counter()
     res = segment_blockwise(image, seg, opts, block=args.block, scheduler="sync",
                             scratch_dir=RUNS)
@@ -185,6 +186,7 @@ def seams(args: argparse.Namespace) -> dict:
         extra["floor_seconds"] = time.perf_counter() - t0
     return {**extra, "size": args.size, "block": args.block, "halo": res.layout.halo,
             "diameter": d, "diameter_seconds": t_diam, "precision": args.precision,
+            "tile": args.tile,
             "threads": args.threads, "blockwise_seconds": t_block, "whole_seconds": t_whole,
             "objects_whole": int(m["n_a"]), "objects_blockwise": int(m["n_b"]),
             "candidates": res.n_candidates, "ap50_block_vs_whole": m["ap50"],
@@ -372,6 +374,9 @@ def main() -> None:
     ap.add_argument("--diameter", type=float, default=14.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--tile", choices=["on", "off"], default="on",
+                    help="seams: Cellpose's 224 px tiles (on) or one network pass per block "
+                         "and for the whole image (off)")
     ap.add_argument("--tag", default="", help="results go to scale_<part>_<tag>.{json,md}")
     ap.add_argument("--no-floor", action="store_true",
                     help="seams: skip the whole-image run with a shifted tile grid")
