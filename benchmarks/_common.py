@@ -28,13 +28,27 @@ def data_root() -> Path:
     return Path(env) if env else (REPO.parent / "shared" / "data").resolve()
 
 
+def validation_stems() -> set[str]:
+    """The generalist's validation split (training/generalist/val_stems.txt)."""
+    return set((REPO / "training" / "generalist" / "val_stems.txt").read_text().split())
+
+
+def training_stems(dataset: str) -> list[str]:
+    """Sorted stems of ``dataset`` (a folder of ``../shared/data``) with a ``_masks.tif``,
+    the validation split left out: what benchmarks may train, calibrate or rehearse on."""
+    val = validation_stems()
+    stems = sorted(p.name[: -len("_masks.tif")] for p in (data_root() / dataset).glob(
+        "*_masks.tif"))
+    return [s for s in stems if s not in val]
+
+
 def validation_images(limit: int | None = None) -> list[tuple[Path, Path, str]]:
     """(image, labels, modality) of the generalist's validation split, in metadata order.
 
     ``limit`` subsamples it (a quick check) while keeping every modality represented.
     """
     data = data_root()
-    stems = set((REPO / "training" / "generalist" / "val_stems.txt").read_text().split())
+    stems = validation_stems()
     out = []
     for folder in ("dsb2018", "usiigaci_phc"):
         with open(data / folder / "metadata.csv", newline="") as fh:

@@ -47,7 +47,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, data_root, machine, validation_images  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    data_root,
+    machine,
+    training_stems,
+    validation_images,
+)
 from bench_segment import make_image  # noqa: E402
 
 MIN_AP = 0.98
@@ -164,10 +170,7 @@ def calibration_folder(folder: Path, n: int = CALIBRATION_IMAGES, seed: int = 0)
     import shutil
 
     root = data_root() / "dsb2018"
-    val = set((Path(__file__).resolve().parents[1] / "training/generalist/val_stems.txt")
-              .read_text().split())
-    stems = sorted(p.name[: -len("_masks.tif")] for p in root.glob("*_masks.tif"))
-    pool = [s for s in stems if s not in val]
+    pool = training_stems("dsb2018")
     folder.mkdir(parents=True, exist_ok=True)
     for i in np.random.default_rng(seed).permutation(len(pool))[:n]:
         shutil.copy(root / f"{pool[i]}.tif", folder / f"{pool[i]}.tif")

@@ -32,7 +32,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, data_root, machine, validation_images  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    data_root,
+    machine,
+    training_stems,
+    validation_images,
+)
 
 CROP = 512
 MAX_ROIS = 200
@@ -47,10 +53,7 @@ def corrected_images(n: int, seed: int = 0):
     from cellplug.segmenter import remove_small_objects
 
     folder = data_root() / "usiigaci_phc"
-    val = set((Path(__file__).resolve().parents[1] / "training/generalist/val_stems.txt")
-              .read_text().split())
-    stems = sorted(p.name[: -len("_masks.tif")] for p in folder.glob("*_masks.tif"))
-    pool = [s for s in stems if s not in val]
+    pool = training_stems("usiigaci_phc")
     order = np.random.default_rng(seed).permutation(len(pool))
     out = []
     for i in order[:n]:
@@ -70,10 +73,7 @@ def replay_images(n: int, seed: int = 0):
     from cellplug.annotations import Annotation
 
     folder = data_root() / "dsb2018"
-    val = set((Path(__file__).resolve().parents[1] / "training/generalist/val_stems.txt")
-              .read_text().split())
-    stems = sorted(p.name[: -len("_masks.tif")] for p in folder.glob("*_masks.tif"))
-    pool = [s for s in stems if s not in val]
+    pool = training_stems("dsb2018")
     picked = np.random.default_rng(seed).permutation(len(pool))[:n]
     return [Annotation(tifffile.imread(folder / f"{pool[i]}.tif"),
                        tifffile.imread(folder / f"{pool[i]}_masks.tif"), pool[i],
