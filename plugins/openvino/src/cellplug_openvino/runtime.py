@@ -81,6 +81,33 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files_sha256(folder: Path) -> dict[str, str]:
+    return {name: _file_sha256(folder / name) for name in ENTRY_FILES}
+
+
+def _files_problem(folder: Path, recorded: dict[str, str]) -> str | None:
+    """Why the model files in ``folder`` do not match their ``recorded`` sha256, or None."""
+    for name in ENTRY_FILES:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _file_sha256(path) != recorded.get(name):
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``final`` (rename: never half-written)."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    try:
+        tmp.rename(final)
+    except OSError:  # another process put a fresh entry there first: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _version(t: torch.Tensor) -> int:
     # tensors made under torch.inference_mode (a module built there) have no version counter;
     # they can change in place only inside inference mode, which no training step uses
@@ -145,13 +172,7 @@ class Runner:
         for field, value in expected.items():
             if entry.get(field) != value:
                 return f"{field} is {entry.get(field)!r}, expected {value!r}"
-        for name in ENTRY_FILES:
-            path = folder / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if _file_sha256(path) != entry.get("files", {}).get(name):
-                return f"{name} does not match its recorded sha256"
-        return None
+        return _files_problem(folder, entry.get("files", {}))
 
     def _export(self, net: torch.nn.Module, n_channels: int) -> None:
         """Convert ``net`` (torch forward) and write the entry atomically (folder rename)."""
@@ -174,18 +195,11 @@ class Runner:
         # float32 weights on disk: compress_to_fp16 would change the numbers
         ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
         entry = {"weights_sha256": self.key, "base": self.base, "openvino": ov.__version__,
-                 "files": {name: _file_sha256(tmp / name) for name in ENTRY_FILES},
+                 "files": _files_sha256(tmp),
                  "export_seconds": round(time.perf_counter() - t0, 3),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "entry.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
-        old = final.parent / f".old-{self.key}-{os.getpid()}"
-        if final.exists():
-            final.rename(old)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process put a fresh entry there first: use that one
-            shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final)
         self.stats["export_seconds"] = time.perf_counter() - t0
 
     def _load(self, net: torch.nn.Module, n_channels: int) -> None:
@@ -234,14 +248,10 @@ class Runner:
         tmp.mkdir()
         _ov().save_model(quantised, tmp / "model.xml", compress_to_fp16=False)
         entry = {"key": key, **settings, "calibration_tiles_used": len(tiles),
-                 "files_sha256": {n: _file_sha256(tmp / n) for n in ENTRY_FILES},
+                 "files_sha256": _files_sha256(tmp),
                  "quantise_seconds": round(time.perf_counter() - t0, 3)}
         (tmp / "entry.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process was first
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, folder)
         self.stats["quantise_seconds"] = time.perf_counter() - t0
         return folder
 
@@ -251,9 +261,8 @@ class Runner:
             entry = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return entry.get("key") == key and all(
-            (folder / n).is_file() and _file_sha256(folder / n) == entry["files_sha256"].get(n)
-            for n in ENTRY_FILES)
+        return entry.get("key") == key and _files_problem(
+            folder, entry.get("files_sha256", {})) is None
 
     @staticmethod
     def _param_versions(net: torch.nn.Module) -> tuple[int, ...]:
