@@ -903,7 +903,7 @@ def train(sources: tuple[Path, ...], out_path: Path | None, model_name: str | No
         click.echo(f"{src}: {len(tr)} training, {len(va)} validation images", err=True)
     replayed = []
     for src in replay_sources:  # all of it trains: rehearsal, never validation
-        anns = list(read_annotations(src, detect_source(src, None, registry), registry,
+        anns = list(read_annotations(src, None, registry,  # the source auto-detected
                                      on_error=skip if on_error == "skip" else None))
         replayed += anns
         train_s += prepare_samples(anns, decoder, config.channels, 2, "replay",
