@@ -51,7 +51,7 @@ def main() -> None:
 
     from cellplug.metrics import match_counts
     from cellplug.segmenter import Segmenter, SegmentOptions
-    from cellplug.selection import AutoSegmenter
+    from cellplug.selection import AutoSegmenter, routed_reason
 
     torch.set_num_threads(args.threads)
     items = validation_images(args.limit)
@@ -59,8 +59,9 @@ def main() -> None:
     t_load = time.perf_counter()
     generalist = Segmenter.from_model("generalist", threads=args.threads)
     auto = AutoSegmenter.from_zoo(threads=args.threads)
-    for name in auto.candidates:  # loaded up front, and timed apart: a one-off cost
-        auto.segmenter_for(name)
+    for name, info in auto.candidates.items():  # loaded up front, timed apart: a one-off cost
+        if routed_reason(info) is None:  # a routed cluster's images go to the reference
+            auto.segmenter_for(name)
     load_seconds = time.perf_counter() - t_load
     print(f"zoo: {sorted(auto.candidates)}; {len(items)} images", flush=True)
     generalist.segment(tifffile.imread(items[0][0]), opts)  # warm-up (numba, oneDNN)
@@ -75,7 +76,8 @@ def main() -> None:
         t2 = time.perf_counter()
         row = {
             "image": image_path.stem[:16], "source": image_path.parent.name,
-            "modality": modality, "model": choice.model,
+            "modality": modality, "model": choice.model, "nearest": choice.nearest,
+            "routed": choice.routed is not None,
             "similarity": None if choice.similarity is None else round(choice.similarity, 4),
             "fallback": choice.fallback,
             "ap50_generalist": round(float(match_counts(truth, g.labels).ap[0]), 4),
@@ -99,7 +101,9 @@ def main() -> None:
                            if v["auto"] is not None else None)
     chosen: dict[str, dict[str, dict]] = {}
     for r in rows:
-        cell = chosen.setdefault(r["model"], {}).setdefault(r["modality"], [])
+        key = r["model"] + (f" (routed from {r['nearest']})" if r.get("routed") else
+                            " (fallback)" if r["fallback"] else "")
+        cell = chosen.setdefault(key, {}).setdefault(r["modality"], [])
         cell.append(r)
     by_model = {m: {mod: {"n": len(c), "ap50_auto": mean(c, "ap50_auto"),
                           "ap50_generalist": mean(c, "ap50_generalist")}
@@ -115,7 +119,8 @@ def main() -> None:
         "zoo_load_seconds_once": round(load_seconds, 2),
     }
     zoo = {n: {k: m.metadata["zoo"].get(k)
-               for k in ("cluster", "n_images", "min_similarity", "composition")}
+               for k in ("cluster", "n_images", "min_similarity", "composition", "mix", "gate",
+                         "route_to_reference")}
            for n, m in auto.candidates.items()}
     doc = {"zoo": zoo, "precision": args.precision, "threads": args.threads,
            "limit": args.limit, "table": table, "by_model": by_model, "cost": cost,

@@ -969,9 +969,19 @@ def zoo() -> None:
               show_default=True, help="Training arithmetic (auto: bf16 where native).")
 @click.option("--threads", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--mix", type=float, default=1.0, show_default=True,
+@click.option("--mix", type=float, multiple=True,
               help="Ship MIX x each fine-tune + (1 - MIX) x the reference's weights "
-                   "(weight-space interpolation; 1: the fine-tunes as they are).")
+                   "(weight-space interpolation; default 1: the fine-tunes as they are). "
+                   "Repeat with --holdout: the gate picks one per cluster.")
+@click.option("--holdout", type=float, default=0.0, show_default=True,
+              help="Share of each cluster's images kept out of its fine-tune to gate it: the "
+                   "best mix ships only if it beats the reference on them, else the "
+                   "cluster's images go to the reference (0: no gate).")
+@click.option("--holdout-max", type=int, default=16, show_default=True,
+              help="At most this many held-out images per cluster.")
+@click.option("--gate-margin", type=float, default=0.0, show_default=True,
+              help="AP@0.5 by which a cluster's model must beat the reference on its "
+                   "held-out images.")
 @click.option("--add", "add_to_zoo", is_flag=True,
               help="Also add the models to your model folder, so --model auto uses them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -980,7 +990,8 @@ def zoo_build(sources: tuple[Path, ...], out_dir: Path, reference: str | None,
               group_column: str | None, epochs: int, images_per_epoch: int,
               learning_rate: float, decay_fraction: float, weight_decay: float, patch: int,
               batch_size: int,
-              precision: str, threads: int | None, seed: int, mix: float, add_to_zoo: bool,
+              precision: str, threads: int | None, seed: int, mix: tuple[float, ...],
+              holdout: float, holdout_max: int, gate_margin: float, add_to_zoo: bool,
               quiet: bool) -> None:
     """Cluster the training images of SOURCES by the reference model's style and fine-tune
     one model per cluster from it (see cellplug.zoo_build)."""
@@ -1015,7 +1026,7 @@ def zoo_build(sources: tuple[Path, ...], out_dir: Path, reference: str | None,
         min_cluster=min_cluster, groups=groups or None, registry=registry,
         progress=not quiet, log_fn=lambda m: click.echo(m, err=True),
         command=shlex.join(click.get_current_context().meta.get("cellplug.argv", sys.argv)),
-        mix=mix,
+        mix=mix or (1.0,), holdout=holdout, holdout_max=holdout_max, gate_margin=gate_margin,
     )
     for path in result.models:
         if add_to_zoo:

@@ -10,7 +10,10 @@ and its ``style_centroid`` is the mean style of its cluster *as the reference mo
 For an image, the reference model's style pass at its default scale (the first pass of its
 size model) gives the style; a selector plugin picks a model; when the image's style is less
 similar to that model's centroid than ``min_similarity`` (the least similar images of its own
-cluster), the reference model segments it instead.
+cluster), the reference model segments it instead. A zoo model whose metadata says
+``route_to_reference`` (it did not beat the reference on its cluster's held-out images, see
+:mod:`cellplug.zoo_build`) keeps its cluster's centroid, so that its images are not sent to a
+neighbouring cluster's model, but the reference model segments them.
 
 The reference pass is done once: its style pass and its diameter estimate are reused, so the
 chosen model runs only its own main pass, and the reference model, when chosen, nothing more.
@@ -40,6 +43,8 @@ class Choice:
 
     similarity: cosine between the image's style and the chosen zoo model's centroid (the
     nearest one's when ``fallback``), ``None`` when the selector chose a model without one.
+    routed: why the reference model segments an image whose cluster's model was selected (the
+    zoo model's gate), ``None`` otherwise.
     """
 
     model: str
@@ -48,10 +53,13 @@ class Choice:
     threshold: float | None
     fallback: bool
     selector: str
+    routed: str | None = None
 
     @property
     def reason(self) -> str:
         sim = "" if self.similarity is None else f"similarity {self.similarity:.3f}"
+        if self.routed:
+            return f"nearest zoo model {self.nearest!r} ({sim}): {self.routed}: reference model"
         if self.fallback:
             return (f"nearest zoo model {self.nearest!r} ({sim}) is below its threshold "
                     f"{self.threshold:.3f}: reference model")
@@ -64,6 +72,7 @@ class Choice:
             "model": self.model,
             "similarity": None if self.similarity is None else round(self.similarity, 4),
             "fallback": self.fallback,
+            "routed": self.routed is not None,
             "reason": self.reason,
         }
 
@@ -79,6 +88,22 @@ def zoo_models(reference: ModelInfo, registry: PluginRegistry | None = None) -> 
         ):
             out.append(info)
     return sorted(out, key=lambda m: m.name)
+
+
+def routed_reason(info: ModelInfo) -> str | None:
+    """Why zoo model ``info`` hands its images to the reference model (its gate's scores),
+    or ``None`` when it segments them itself."""
+    zoo = info.metadata.get("zoo") or {}
+    if not zoo.get("route_to_reference"):
+        return None
+    gate = zoo.get("gate") or {}
+    ap = gate.get("ap50") or {}
+    mix = gate.get("mix")
+    key = f"{mix:.2f}" if isinstance(mix, (int, float)) else None
+    if key in ap and "reference" in ap:
+        return (f"it did not beat the reference on its cluster's {len(gate.get('images', []))} "
+                f"held-out images (AP@0.5 {ap[key]:.3f} vs {ap['reference']:.3f})")
+    return "its zoo entry routes its images to the reference"
 
 
 def cosine(style: np.ndarray, centroid: np.ndarray) -> float:
@@ -159,8 +184,10 @@ class AutoSegmenter:
                 t = info.metadata["zoo"].get("min_similarity")
                 threshold = None if t is None else float(t)
             fallback = threshold is not None and sim is not None and sim < threshold
-            chosen = self.reference.model.name if fallback else name
-            out.append(Choice(chosen, name, sim, threshold, fallback, self.selector_name))
+            routed = None if fallback or info is None else routed_reason(info)
+            chosen = self.reference.model.name if fallback or routed else name
+            out.append(Choice(chosen, name, sim, threshold, fallback, self.selector_name,
+                              routed))
         return out
 
     def segmenter_for(self, name: str) -> Segmenter:

@@ -8,8 +8,15 @@
    its metadata gets the cluster's centroid (in the reference's style space), its spread and
    the similarity below which ``auto`` falls back to the reference (``zoo`` block, see
    :mod:`cellplug.selection`).
-4. **Report.** ``report.md`` (clusters, their composition, thresholds) and ``clusters.png``
-   (example thumbnails, one row per cluster).
+4. **Gate** (with ``holdout``). A share of each cluster's images is kept out of its
+   fine-tune. On those, the reference model and each candidate (the fine-tune mixed with the
+   reference's weights at each of ``mix``) segment every image as ``--model auto`` would
+   (the reference's diameter estimate, no diameter given), scored by AP@0.5. The best
+   candidate ships; when it does not beat the reference by more than ``gate_margin``, the
+   model's metadata says ``route_to_reference``: its cluster keeps its centroid (so its images
+   are not sent to a neighbouring cluster's model) but the reference segments them.
+5. **Report.** ``report.md`` (clusters, their composition, thresholds, gate) and
+   ``clusters.png`` (example thumbnails, one row per cluster).
 
 Every step writes its result into the output folder and is skipped when it is there already
 for the same inputs and settings, so an interrupted build resumes where it stopped.
@@ -226,7 +233,10 @@ def build_zoo(
     progress: bool = True,
     log_fn: Callable[[str], None] | None = None,
     command: str | None = None,
-    mix: float = 1.0,
+    mix: float | Sequence[float] = 1.0,
+    holdout: float = 0.0,
+    holdout_max: int = 16,
+    gate_margin: float = 0.0,
 ) -> ZooBuild:
     """Cluster ``annotations`` by the ``reference`` model's styles and fine-tune one model per
     cluster from it (``config``: the fine-tune's settings, ``config.seed`` also seeds the
@@ -236,9 +246,17 @@ def build_zoo(
     ``mix``: each shipped model's weights are ``mix`` x its fine-tune + (1 - ``mix``) x the
     reference's (weight-space interpolation, as WiSE-FT, Wortsman et al. 2022: a fine-tune on a
     subset keeps more of what the reference knows); 1.0 ships the fine-tunes as they are.
+    Several values need ``holdout``: the gate picks one per cluster.
+    ``holdout``: share of each cluster's images (at most ``holdout_max``, at least one, never
+    all) kept out of its fine-tune for the gate (module doc, step 4); 0: no gate.
     """
-    if not 0.0 < mix <= 1.0:
-        raise CellplugError(f"mix must be in (0, 1], got {mix}")
+    mixes = tuple(float(m) for m in (mix if isinstance(mix, Sequence) else [mix]))
+    if not mixes or any(not 0.0 < m <= 1.0 for m in mixes):
+        raise CellplugError(f"mix must be in (0, 1], got {list(mixes)}")
+    if len(mixes) > 1 and holdout <= 0:
+        raise CellplugError("several mix values need a holdout (the gate chooses among them)")
+    if not 0.0 <= holdout < 1.0:
+        raise CellplugError(f"holdout must be in [0, 1), got {holdout}")
     say = log_fn or (lambda m: None)
     registry = registry or get_registry()
     out = Path(out_dir)
@@ -292,21 +310,27 @@ def build_zoo(
     report = _write_report(out, reference, clus, names, members, spreads, groups)
 
     # 4. one model per cluster, fine-tuned from the reference (kept in a hidden file, reused
-    # when its build key matches), then mixed with the reference's weights (``mix``)
+    # when its build key matches), then mixed with the reference's weights (``mix``) and,
+    # with a holdout, gated on the cluster's held-out images
     models = []
+    gates: dict[str, dict[str, Any]] = {}
+    gate_opts = SegmentOptions(channels=tuple(config.channels))
+    ref_seg: Segmenter | None = None
     for j, name in enumerate(names):
         path = out / f"{name}.pth"
         tuned = out / f".{name}.finetuned.pth"
-        cluster_anns = [by_stem[s] for s in members[name]]
+        train_stems, held = split_holdout(members[name], holdout, holdout_max,
+                                          config.seed + j)
+        cluster_anns = [by_stem[s] for s in train_stems]
         cfg = replace(config, seed=config.seed + j)
         zoo = {
             "reference": reference.name, "reference_sha256": ref_sha, "cluster": j + 1,
-            "k": clus.k, "n_images": len(cluster_anns),
+            "k": clus.k, "n_images": len(members[name]),
             "min_similarity": spreads[j]["min_similarity"],
             "spread": {kk: v for kk, v in spreads[j].items() if kk != "min_similarity"},
             "composition": _composition(members[name], groups),
         }
-        build_key = _key({"zoo": zoo, "config": asdict(cfg), "stems": members[name]})
+        build_key = _key({"zoo": zoo, "config": asdict(cfg), "stems": train_stems})
         try:
             done = model_from_path(tuned).metadata.get("zoo", {}).get("build_key")
         except CellplugError:  # missing or unreadable: train it
@@ -315,17 +339,32 @@ def build_zoo(
             say(f"{name}: fine-tune already done ({tuned})")
         else:
             _fine_tune_cluster(name, cluster_anns, tuned, reference, cfg, registry, progress,
-                               say, {"zoo_cluster": j + 1, "images": members[name],
-                                     "command": command},
+                               say, {"zoo_cluster": j + 1, "images": train_stems,
+                                     "held_out": held, "command": command},
                                clus.centroids[j], {**zoo, "build_key": build_key})
+        chosen, gate = mixes[0], None
+        if held:
+            if ref_seg is None:
+                ref_seg = Segmenter.from_info(reference, registry, threads=config.threads)
+            gate = _gate(name, tuned, reference, ref_seg, mixes, [by_stem[s] for s in held],
+                         out, gate_opts, gate_margin, registry, progress, say)
+            chosen = gate["mix"]
+            gates[name] = gate
         try:
             shipped = model_from_path(path).metadata.get("zoo", {})
         except CellplugError:
             shipped = {}
-        if shipped.get("mix") != mix or shipped.get("finetuned_sha256") != io.file_sha256(tuned):
-            mix_with_reference(tuned, reference, mix, path, registry)
-        say(f"{name}: {path} ({mix:.2f} fine-tuned + {1 - mix:.2f} {reference.name} weights)")
+        if (shipped.get("mix") != chosen or shipped.get("gate") != gate
+                or shipped.get("finetuned_sha256") != io.file_sha256(tuned)):
+            mix_with_reference(tuned, reference, chosen, path, registry,
+                               extra={} if gate is None else {
+                                   "gate": gate, "route_to_reference": not gate["passed"]})
+        say(f"{name}: {path} ({chosen:.2f} fine-tuned + {1 - chosen:.2f} {reference.name} "
+            f"weights)" + ("" if gate is None or gate["passed"]
+                           else f"; routes to {reference.name} (gate)"))
         models.append(path)
+    if gates:
+        report = _write_report(out, reference, clus, names, members, spreads, groups, gates)
     return ZooBuild(clus, models, report)
 
 
@@ -355,10 +394,88 @@ def _fine_tune_cluster(name: str, annotations: Sequence[Annotation], target: Pat
         partial.with_suffix(".json").replace(tj)
 
 
+def split_holdout(stems: Sequence[str], fraction: float, max_n: int,
+                  seed: int) -> tuple[list[str], list[str]]:
+    """(train, held out): ``fraction`` of ``stems`` (rounded, at least one, at most ``max_n``,
+    never all), drawn with ``seed``; both keep the order of ``stems``. ``fraction`` 0: none."""
+    if fraction <= 0 or len(stems) < 2:
+        return list(stems), []
+    n = min(max_n, max(1, round(fraction * len(stems))), len(stems) - 1)
+    pick = set(np.random.default_rng(seed).permutation(len(stems))[:n].tolist())
+    return ([s for i, s in enumerate(stems) if i not in pick],
+            [s for i, s in enumerate(stems) if i in pick])
+
+
+def gate_scores(reference: Segmenter, candidates: Mapping[str, Segmenter],
+                annotations: Sequence[Annotation], opts: SegmentOptions,
+                progress: bool = True) -> dict[str, list[float]]:
+    """AP@0.5 per image of the reference and of each candidate on ``annotations``, each image
+    segmented as ``--model auto`` does it: the reference's diameter estimate (or
+    ``opts.diameter``) for every model. Keys: ``"reference"`` and the candidates' keys."""
+    from tqdm import tqdm
+
+    from .metrics import match_counts
+
+    out: dict[str, list[float]] = {"reference": [], **{k: [] for k in candidates}}
+    for ann in tqdm(annotations, desc="gate", unit="image", disable=not progress):
+        prepared = reference.prepare(ann.image, opts)
+        if opts.diameter is None or opts.diameter <= 0:
+            diameter, _ = reference.size_and_style(prepared, opts)
+        else:
+            diameter = float(opts.diameter)
+        for key, seg in (("reference", reference), *candidates.items()):
+            labels = seg.segment_prepared(prepared, opts, diameter).labels
+            out[key].append(float(match_counts(ann.labels, labels).ap[0]))
+    return out
+
+
+def _gate(name: str, tuned: Path, reference: ModelInfo, ref_seg: Segmenter,
+          mixes: Sequence[float], held: Sequence[Annotation], out: Path,
+          opts: SegmentOptions, margin: float, registry: PluginRegistry, progress: bool,
+          say: Callable[[str], None]) -> dict[str, Any]:
+    """The gate of one cluster (module doc, step 4); cached in ``.<name>.gate.json``."""
+    stems = [a.stem for a in held]
+    key = _key({"tuned": io.file_sha256(tuned), "reference": io.file_sha256(reference.weights),
+                "mixes": list(mixes), "images": stems, "opts": asdict(opts)})
+    cache = out / f".{name}.gate.json"
+    scores = None
+    if cache.exists():
+        try:
+            saved = json.loads(cache.read_text())
+            scores = saved["scores"] if saved.get("key") == key else None
+        except (ValueError, KeyError):
+            scores = None
+    if scores is None:
+        say(f"{name}: gate on {len(held)} held-out images (reference and mix "
+            f"{', '.join(f'{m:.2f}' for m in mixes)})")
+        cands = {}
+        for m in mixes:
+            path = mix_with_reference(tuned, reference, m, out / f".{name}.mix{m:.2f}.pth",
+                                      registry)
+            cands[f"{m:.2f}"] = Segmenter.from_info(model_from_path(path), registry,
+                                                    threads=ref_seg.threads)
+        scores = gate_scores(ref_seg, cands, held, opts, progress)
+        for m in mixes:
+            for suffix in (".pth", ".json"):
+                (out / f".{name}.mix{m:.2f}{suffix}").unlink(missing_ok=True)
+        io.write_json(cache, {"key": key, "images": stems, "scores": scores})
+    mean = {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
+    best = max((f"{m:.2f}" for m in mixes), key=lambda k: mean[k])
+    passed = mean[best] > mean["reference"] + margin
+    say(f"{name}: gate AP@0.5 reference {mean['reference']:.3f}, "
+        + ", ".join(f"mix {k} {mean[k]:.3f}" for k in mean if k != "reference")
+        + (f": mix {best} ships" if passed else f": no mix beats {reference.name} by more "
+           f"than {margin:.3f}, the cluster routes to it"))
+    return {"images": stems, "ap50": mean, "mix": float(best), "margin": margin,
+            "passed": bool(passed)}
+
+
 def mix_with_reference(tuned: Path, reference: ModelInfo, mix: float, out: Path,
-                       registry: PluginRegistry | None = None) -> Path:
+                       registry: PluginRegistry | None = None,
+                       extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``out``: the weights ``mix`` x ``tuned`` + (1 - ``mix``) x ``reference`` (same
-    architecture), with ``tuned``'s metadata plus ``zoo.mix`` and the reference's sha256."""
+    architecture), with ``tuned``'s metadata plus ``zoo.mix``, the fine-tune's sha256 and
+    ``extra`` (more ``zoo`` keys)."""
     import torch
 
     from .models import build_network, load_state_dict, save_model
@@ -374,7 +491,7 @@ def mix_with_reference(tuned: Path, reference: ModelInfo, mix: float, out: Path,
     meta.pop("format", None)
     meta["name"] = out.stem
     meta["zoo"] = {**meta["zoo"], "mix": mix,
-                   "finetuned_sha256": io.file_sha256(tuned)}
+                   "finetuned_sha256": io.file_sha256(tuned), **(extra or {})}
     with torch.no_grad():
         path = save_model(out, net.eval(), meta, half=True)
     model_from_path(path)  # what was written loads
@@ -393,7 +510,8 @@ def _describe(comp: Mapping[str, int]) -> str:
 
 def _write_report(out: Path, reference: ModelInfo, clus: Clustering, names: Sequence[str],
                   members: Mapping[str, Sequence[str]], spreads: Sequence[Mapping[str, Any]],
-                  groups: Mapping[str, str] | None) -> Path:
+                  groups: Mapping[str, str] | None,
+                  gates: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     lines = [
         f"# Style zoo of `{reference.name}`",
         "",
@@ -414,6 +532,18 @@ def _write_report(out: Path, reference: ModelInfo, clus: Clustering, names: Sequ
                      f"{_describe(_composition(members[name], groups)) if groups else ''} | "
                      f"{s['mean']:.3f} / {s['p05']:.3f} / {s['min']:.3f} | "
                      f"{s['min_similarity']:.3f} |")
+    if gates:
+        lines += ["", "Gate: mean AP@0.5 on each cluster's held-out images (not trained on by "
+                  "its model), segmented as `--model auto` does:", "",
+                  "| model | held out | reference | candidates (mix) | ships |",
+                  "|---|---|---|---|---|"]
+        for name, g in gates.items():
+            ap = g["ap50"]
+            cands = ", ".join(f"{k}: {v:.3f}" for k, v in ap.items() if k != "reference")
+            ships = (f"mix {g['mix']:.2f}" if g["passed"]
+                     else f"routes to `{reference.name}`")
+            lines.append(f"| {name} | {len(g['images'])} | {ap['reference']:.3f} | {cands} | "
+                         f"{ships} |")
     lines += ["", "Examples (one row per model, in the order above):", "",
               "![clusters](clusters.png)", ""]
     path = out / "report.md"

@@ -39,12 +39,13 @@ def styles() -> dict[str, np.ndarray]:
 
 
 def zoo_model(folder: Path, name: str, centroid: np.ndarray, min_similarity: float = 0.5,
-              reference: str = "generalist") -> Path:
-    """A zoo member: the generalist's weights with a zoo block and a centroid."""
+              reference: str = "generalist", **zoo: object) -> Path:
+    """A zoo member: the generalist's weights with a zoo block (plus ``zoo``) and a centroid."""
     shutil.copy(BUNDLED, folder / f"{name}.pth")
     meta = json.loads(BUNDLED.with_suffix(".json").read_text())
     meta.update(name=name, style_centroid=[float(v) for v in centroid],
-                zoo={"reference": reference, "cluster": 1, "min_similarity": min_similarity})
+                zoo={"reference": reference, "cluster": 1, "min_similarity": min_similarity,
+                     **zoo})
     (folder / f"{name}.json").write_text(json.dumps(meta))
     return folder / f"{name}.pth"
 
@@ -77,6 +78,36 @@ def test_fallback_to_the_reference_when_no_centroid_is_close(user_zoo, styles):
     plain = Segmenter.from_model("generalist").segment(image)
     np.testing.assert_array_equal(seg.labels, plain.labels)
     assert seg.diameter == plain.diameter
+
+
+def test_a_gated_out_cluster_routes_its_images_to_the_reference(user_zoo, styles, monkeypatch):
+    """A cluster whose model lost its gate keeps its centroid: its images go to the
+    reference, not to the next-nearest model, and that model's network never runs."""
+    gate = {"images": ["a", "b", "c"], "ap50": {"reference": 0.8, "0.50": 0.78, "1.00": 0.75},
+            "mix": 0.5, "margin": 0.0, "passed": False}
+    zoo_model(user_zoo, "fluo-like", styles["dsb2018_fluo"], gate=gate,
+              route_to_reference=True)
+    zoo_model(user_zoo, "phase-like", styles["usiigaci_phc"], min_similarity=-1.0)
+    calls: list[str] = []
+    original = Segmenter.network
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.model.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "network", counting)
+    image = tifffile.imread(FLUO)
+    seg, choice = AutoSegmenter.from_zoo().segment(image)
+    assert choice.model == "generalist" and choice.nearest == "fluo-like"
+    assert choice.routed and not choice.fallback
+    assert choice.to_dict()["routed"] is True
+    assert "3 held-out images (AP@0.5 0.780 vs 0.800)" in choice.reason
+    assert set(calls) == {"generalist"}
+    plain = Segmenter.from_model("generalist").segment(image)
+    np.testing.assert_array_equal(seg.labels, plain.labels)
+    # the other cluster's model, which passed (no gate), still segments its own images
+    _, choice = AutoSegmenter.from_zoo().segment(tifffile.imread(PHC))
+    assert choice.model == "phase-like" and not choice.routed
 
 
 def test_the_reference_pass_is_done_once(user_zoo, styles, monkeypatch):
@@ -185,6 +216,6 @@ def test_choice_reason_texts():
     c = Choice("m", "m", 0.95, 0.9, False, "nearest-centroid")
     assert c.reason == "nearest-centroid: similarity 0.950 (threshold 0.900)"
     assert c.to_dict() == {"model": "m", "similarity": 0.95, "fallback": False,
-                           "reason": c.reason}
+                           "routed": False, "reason": c.reason}
     assert Choice("m", "m", None, None, False, "toy").reason == "chosen by selector 'toy'"
 

@@ -12,7 +12,13 @@ from click.testing import CliRunner
 
 from cellplug.cli import main
 from cellplug.plugins import set_registry
-from cellplug.zoo_build import cluster_styles, silhouette, spherical_kmeans, spread
+from cellplug.zoo_build import (
+    cluster_styles,
+    silhouette,
+    spherical_kmeans,
+    split_holdout,
+    spread,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "tests/data"
 
@@ -141,6 +147,66 @@ def test_zoo_build_end_to_end_resumes_and_feeds_auto(source, tmp_path, monkeypat
                        if any(s.startswith("usiigaci") for s in c["images"]))
     assert choice["model"] == phase_model
     set_registry(None)
+
+
+def test_split_holdout_is_seeded_bounded_and_never_takes_everything():
+    stems = [f"s{i}" for i in range(50)]
+    train, held = split_holdout(stems, 0.2, 16, seed=4)
+    assert len(held) == 10 and sorted(train + held) == sorted(stems)
+    assert not set(train) & set(held)
+    assert split_holdout(stems, 0.2, 16, seed=4) == (train, held)  # deterministic
+    assert split_holdout(stems, 0.2, 16, seed=5)[1] != held
+    assert len(split_holdout(stems, 0.9, 16, seed=0)[1]) == 16  # capped
+    assert split_holdout(["a", "b"], 0.01, 16, seed=0)[1] in (["a"], ["b"])  # at least one
+    assert split_holdout(["a"], 0.5, 16, seed=0) == (["a"], [])  # never all
+    assert split_holdout(stems, 0.0, 16, seed=0) == (stems, [])
+
+
+def test_zoo_build_gate_ships_the_winner_or_routes_to_the_reference(source, tmp_path,
+                                                                    monkeypatch):
+    """With --holdout, each cluster's model is scored against the reference on held-out
+    images it was not fine-tuned on; the margin decides whether it ships or routes."""
+    zoo_dir = tmp_path / "zoo"
+    monkeypatch.setenv("CELLPLUG_MODELS", str(tmp_path / "models"))
+    set_registry(None)
+    base = ["zoo", "build", str(source), "--out", str(zoo_dir), "--k", "2", "--min-cluster", "1",
+            "--epochs", "1", "--images-per-epoch", "8", "--patch", "64", "--precision", "fp32",
+            "--seed", "3", "--holdout", "0.34", "--mix", "0.5", "--mix", "1.0", "-q"]
+    r = CliRunner().invoke(main, [*base, "--gate-margin", "-1"])  # any candidate passes
+    assert r.exit_code == 0, r.output
+    for name in ("style-1", "style-2"):
+        meta = json.loads((zoo_dir / f"{name}.json").read_text())
+        gate = meta["zoo"]["gate"]
+        assert len(gate["images"]) == 1 and gate["passed"] and not meta["zoo"][
+            "route_to_reference"]
+        assert set(gate["ap50"]) == {"reference", "0.50", "1.00"}
+        assert meta["zoo"]["mix"] == gate["mix"] == max(
+            (0.5, 1.0), key=lambda m: gate["ap50"][f"{m:.2f}"])
+        # the held-out image was not trained on
+        assert gate["images"][0] not in meta["training"]["data"]["images"]
+        assert gate["images"][0] in json.loads((zoo_dir / "clusters.json").read_text())[
+            "clusters"][int(name[-1]) - 1]["images"]
+    assert "Gate: mean AP@0.5" in (zoo_dir / "report.md").read_text()
+    assert not list(zoo_dir.glob(".*mix*"))  # candidates are not left behind
+    # a margin nobody can beat: the same fine-tunes and gate scores, now routed
+    r = CliRunner().invoke(main, [*base, "--gate-margin", "1", "--add"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("fine-tune already done") == 2 and "gate on" not in r.output
+    assert r.output.count("routes to generalist (gate)") == 2
+    out = tmp_path / "seg"
+    r = CliRunner().invoke(main, ["segment", str(source / "usiigaci_phc_0.tif"), "--model",
+                                  "auto", "--out", str(out), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    choice = json.loads(r.stdout)["images"][0]["choice"]
+    assert choice["model"] == "generalist" and choice["routed"]
+    assert "did not beat the reference" in choice["reason"]
+    set_registry(None)
+
+
+def test_several_mixes_need_a_holdout(source, tmp_path):
+    r = CliRunner().invoke(main, ["zoo", "build", str(source), "--out", str(tmp_path / "z"),
+                                  "--k", "2", "--mix", "0.5", "--mix", "1", "-q"])
+    assert r.exit_code == 1 and "several mix values need a holdout" in r.output
 
 
 def test_zoo_build_refuses_duplicate_stems(source, tmp_path):
