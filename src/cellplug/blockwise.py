@@ -4,7 +4,11 @@ the blocks fall.
 The image (Y, X[, C]) is cut into a grid of *cores* of ``block`` x ``block`` pixels. Each
 block is segmented on its core plus a *halo* (default four object diameters) with the
 ordinary :meth:`~cellplug.segmenter.Segmenter.segment_prepared` (network, flows, masks), so
-an object near a core's edge is seen whole and with its context. Then, in three phases:
+an object near a core's edge is seen whole and with its context. The network output of a
+block is computed on a tile grid fixed to the image's origin (:mod:`cellplug.aligned`,
+``tile="grid"``), from exactly the source pixels a whole-image run would resample, so inside
+a block it equals a whole-image ``tile="grid"`` run's, whatever the block's position. Then,
+in three phases:
 
 1. **blocks** (one task per block, in parallel): labels of the extended block; objects that
    touch an inner edge of the extended block (cut by it) are dropped; the others whose
@@ -240,9 +244,14 @@ def segment_block(job: BlockJob, i: int, j: int) -> Candidates:
     lay = job.layout
     ey0, ey1, ex0, ex1 = lay.extended(i, j)
     cy0, cy1, cx0, cx1 = lay.core(i, j)
-    pixels = np.asarray(job.image[ey0:ey1, ex0:ex1])
-    x = job.norm.apply(select_channels(pixels, job.opts.channels, seg.model.n_channels))
-    labels = seg.segment_prepared(x, job.opts, job.diameter).labels
+
+    def read(ys: slice, xs: slice) -> np.ndarray:  # normalised network input, as a whole run
+        pixels = np.asarray(job.image[ys, xs])
+        return job.norm.apply(select_channels(pixels, job.opts.channels, seg.model.n_channels))
+
+    # the network output of a whole-image tile="grid" run, wherever the block falls
+    labels = seg.segment_window(read, lay.shape, (ey0, ey1, ex0, ex1), job.opts,
+                                job.diameter).labels
     n = int(labels.max()) if labels.size else 0
     # objects cut by an inner edge of the extended block are some other block's business
     cut = np.zeros(n + 1, bool)
@@ -467,10 +476,13 @@ def segment_blockwise(
     address or ``Client``. Peak memory is a few extended blocks per worker, whatever the
     image's size.
     """
+    from dataclasses import replace
+
     from .segmenter import Segmenter, SegmentOptions
 
     require_scale()
-    opts = opts or SegmentOptions()
+    # blocks always run the grid tiling (module doc): other tilings depend on the block
+    opts = replace(opts or SegmentOptions(), tile="grid")
     if isinstance(model, Segmenter):
         if not _is_local(scheduler):
             raise CellplugError("a built Segmenter runs only on the threaded or synchronous "

@@ -396,10 +396,11 @@ def _channels(value: tuple[int, int] | None) -> tuple[int, int]:
 @click.option("--min-size", type=int, default=15, show_default=True)
 @click.option("--niter", type=int, default=None,
               help="Dynamics steps (default: 200 x diameter / diam_mean).")
-@click.option("--tile", "tile", type=click.Choice(["on", "off", "auto"]), default="on",
+@click.option("--tile", "tile", type=click.Choice(["on", "off", "auto", "grid"]), default="on",
               show_default=True,
               help="on: Cellpose's 224 px tiles; off: one whole-image pass (faster, masks can "
-                   "differ); auto: whole image when it fits in memory.")
+                   "differ); auto: whole image when it fits in memory; grid: tiles fixed to the "
+                   "image's origin, what --block-size computes (results independent of the crop).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               show_default=True,
               help="auto: bfloat16 where the CPU has it natively, else float32. "

@@ -35,7 +35,10 @@ class SegmentOptions:
     tile
         ``True`` (default): Cellpose's 224 px tiles. ``False``: one whole-image network pass
         (~1.7x less work, but one style vector for the whole image instead of one per tile,
-        so masks can differ); ``"auto"``: whole-image when it fits in memory, else tiles.
+        so masks can differ); ``"auto"``: whole-image when it fits in memory, else tiles;
+        ``"grid"``: tiles on a grid fixed to the image's origin (:mod:`cellplug.aligned`), so
+        a pixel's result does not depend on the image's size or crop: what block-wise
+        segmentation computes.
     precision
         ``"auto"`` (default): bfloat16 autocast on CPUs with native bfloat16 (1.5-2x faster
         network, masks AP@0.5 ~0.99 against float32), else float32. ``tile=True`` with
@@ -213,6 +216,9 @@ class Segmenter:
         is False), style float32 (S,) and the number of network passes.
         """
         shape = prepared.shape[1:]
+        if opts.tile == "grid":
+            return self.network_window(lambda ys, xs: prepared[:, ys, xs], shape, rescale,
+                                       (0, shape[0], 0, shape[1]), opts, resample)
         x = prepared
         if rescale != 1.0:
             x = transforms.resize(prepared, transforms.rescaled_shape(shape, rescale))
@@ -232,6 +238,44 @@ class Segmenter:
         if resample and raw.shape[1:] != shape:
             raw = transforms.resize(raw, shape)
         return raw, out.style, out.n_tiles
+
+    def network_window(
+        self, read: Any, shape: tuple[int, int], rescale: float,
+        box: tuple[int, int, int, int], opts: SegmentOptions, resample: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Grid-tiled network output (:mod:`cellplug.aligned`) over ``box`` (y0, y1, x0, x1)
+        of an image of ``shape`` whose normalised pixels ``read(ys, xs)`` gives (float32
+        (C, h, w)): the same values at a pixel whatever the box. Returns raw float32 (K, h, w)
+        (or the whole rescaled image's without ``resample``), style, number of tiles."""
+        from .aligned import network_window
+
+        if opts.augment:
+            raise CellplugError("tile 'grid' does not combine with test-time augmentation")
+        with _threads(self.threads):
+            return network_window(self.net, read, shape, rescale, box, bsize=opts.bsize,
+                                  tile_overlap=opts.tile_overlap, batch_size=opts.batch_size,
+                                  precision=opts.precision, resample=resample)
+
+    def segment_window(
+        self, read: Any, shape: tuple[int, int], box: tuple[int, int, int, int],
+        opts: SegmentOptions, diameter: float,
+    ) -> Segmentation:
+        """Segment ``box`` (y0, y1, x0, x1) of an image of ``shape`` (Y, X) at a known
+        ``diameter``, its network output computed as a whole-image ``tile="grid"`` run would
+        (see :meth:`network_window`); ``read(ys, xs)`` gives the image's normalised pixels.
+        Labels cover the box; objects cut by its edges are the caller's business."""
+        t0 = time.perf_counter()
+        # the memory check is the box's: only the box is rescaled
+        check_rescale((box[1] - box[0], box[3] - box[2]), self.model.diam_mean, float(diameter))
+        rescale = self.model.diam_mean / float(diameter)
+        raw, style, n_tiles = self.network_window(read, shape, rescale, box, opts)
+        flows, cellprob = self.decode(raw)
+        t1 = time.perf_counter()
+        niter = opts.niter or default_niter(rescale, True)
+        labels = self.reconstruct(flows, cellprob, niter, opts)
+        t2 = time.perf_counter()
+        return Segmentation(labels, flows, cellprob, style, float(diameter),
+                            {"network": t1 - t0, "masks": t2 - t1, "total": t2 - t0}, n_tiles)
 
     def decode(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw float32 (K, Y, X) -> flows float32 (2, Y, X), cellprob float32 (Y, X)."""
