@@ -161,12 +161,14 @@ def seams(args: argparse.Namespace) -> dict:
     src = mosaic_zarr(RUNS / f"mosaic_{args.size}.zarr", args.size)
     image = zarr.open_array(str(src), mode="r")
     seg = Segmenter.from_model(None, threads=args.threads)
-    tile = {"on": True, "off": False}[args.tile]
+    tile = {"on": True, "off": False, "grid": "grid"}[args.tile]
     opts = SegmentOptions(precision=args.precision, tile=tile)
     norm = global_normalisation(image, opts.channels, 2)
     t0 = time.perf_counter()
     d = estimate_diameter(seg, image, opts, norm)
     t_diam = time.perf_counter() - t0
+    # block-wise always runs the grid tiling; the whole image runs --tile (grid: the same
+    # computation in one piece, the comparison; on / off: other whole-image methods)
     opts = SegmentOptions(diameter=d, precision=args.precision, tile=tile)
     t0 = time.perf_counter()
     res = segment_blockwise(image, seg, opts, block=args.block, scheduler="sync",
@@ -180,9 +182,17 @@ def seams(args: argparse.Namespace) -> dict:
     cuts = cut_counts(whole, blocks, args.block, m)
     m.pop("pairs")
     extra = {"ap50_away_from_lines": away_from_lines(whole, blocks, args.block, d)}
-    if not args.no_floor:  # the same whole-image method, its tile grid shifted half a tile
+    if not args.no_floor:
+        # Cellpose's tiling against itself with its tiles shifted half a tile: how much any
+        # tiled result depends on where the tiles fall; and the grid tiling against it
         t0 = time.perf_counter()
-        extra.update(tiling_floor(seg, image, whole, opts, d, args.block))
+        cp_opts = SegmentOptions(diameter=d, precision=args.precision, tile=True)
+        cellpose_tiles = (whole if tile is True else
+                          seg.segment(np.asarray(image[:]), cp_opts).labels)
+        extra.update(tiling_floor(seg, image, cellpose_tiles, cp_opts, d, args.block))
+        if tile is not True:
+            extra[f"ap50_whole_{args.tile}_vs_whole_cellpose_tiles"] = match(
+                whole, cellpose_tiles)["ap50"]
         extra["floor_seconds"] = time.perf_counter() - t0
     return {**extra, "size": args.size, "block": args.block, "halo": res.layout.halo,
             "diameter": d, "diameter_seconds": t_diam, "precision": args.precision,
@@ -374,9 +384,9 @@ def main() -> None:
     ap.add_argument("--diameter", type=float, default=14.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--tile", choices=["on", "off"], default="on",
-                    help="seams: Cellpose's 224 px tiles (on) or one network pass per block "
-                         "and for the whole image (off)")
+    ap.add_argument("--tile", choices=["grid", "on", "off"], default="grid",
+                    help="seams: the whole-image run's tiling; grid (what the blocks compute), "
+                         "Cellpose's 224 px tiles (on) or one network pass (off)")
     ap.add_argument("--tag", default="", help="results go to scale_<part>_<tag>.{json,md}")
     ap.add_argument("--no-floor", action="store_true",
                     help="seams: skip the whole-image run with a shifted tile grid")
