@@ -462,8 +462,8 @@ def _gate(name: str, tuned: Path, reference: ModelInfo, ref_seg: Segmenter,
     mean = {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
     best = max((f"{m:.2f}" for m in mixes), key=lambda k: mean[k])
     passed = mean[best] > mean["reference"] + margin
-    say(f"{name}: gate AP@0.5 reference {mean['reference']:.3f}, "
-        + ", ".join(f"mix {k} {mean[k]:.3f}" for k in mean if k != "reference")
+    say(f"{name}: gate AP@0.5 reference {mean['reference']:.4f}, "
+        + ", ".join(f"mix {k} {mean[k]:.4f}" for k in mean if k != "reference")
         + (f": mix {best} ships" if passed else f": no mix beats {reference.name} by more "
            f"than {margin:.3f}, the cluster routes to it"))
     return {"images": stems, "ap50": mean, "mix": float(best), "margin": margin,
@@ -539,10 +539,10 @@ def _write_report(out: Path, reference: ModelInfo, clus: Clustering, names: Sequ
                   "|---|---|---|---|---|"]
         for name, g in gates.items():
             ap = g["ap50"]
-            cands = ", ".join(f"{k}: {v:.3f}" for k, v in ap.items() if k != "reference")
+            cands = ", ".join(f"{k}: {v:.4f}" for k, v in ap.items() if k != "reference")
             ships = (f"mix {g['mix']:.2f}" if g["passed"]
                      else f"routes to `{reference.name}`")
-            lines.append(f"| {name} | {len(g['images'])} | {ap['reference']:.3f} | {cands} | "
+            lines.append(f"| {name} | {len(g['images'])} | {ap['reference']:.4f} | {cands} | "
                          f"{ships} |")
     lines += ["", "Examples (one row per model, in the order above):", "",
               "![clusters](clusters.png)", ""]
