@@ -352,7 +352,8 @@ class Segmenter:
         (``diam_mean / diam_labels``): the first pass of the size model, and the style that
         ``--model auto`` compares with the zoo's centroids."""
         _, style, _ = self.network(
-            prepared, self.model.diam_mean / self.model.diam_labels, opts, resample=False
+            prepared, self.model.diam_mean / self.model.diam_labels, _size_options(opts),
+            resample=False,
         )
         return style
 
@@ -378,7 +379,7 @@ class Segmenter:
             style = self.default_scale_style(prepared, opts)
         guess = size_model.predict(style)
         rescale = dm / guess
-        raw, _, _ = self.network(prepared, rescale, opts, resample=False)
+        raw, _, _ = self.network(prepared, rescale, _size_options(opts), resample=False)
         flows, cellprob = self.decode(raw)
         # Cellpose runs these dynamics without interpolation; reconstructors may ignore it
         labels = self.reconstruct(
@@ -460,6 +461,15 @@ class Segmenter:
                                   shape=segmentation.labels.shape)
         seconds = time.perf_counter() - t0
         return replace(segmentation, labels=labels, timings={"masks": seconds, "total": seconds})
+
+
+def _size_options(opts: SegmentOptions) -> SegmentOptions:
+    """Options of the size model's passes and of the style ``auto`` compares: Cellpose's
+    tiles for ``tile="grid"``. The grid's tiles reach past the image into zeros, and their
+    styles moved the size model's estimate by ~15 % (39.5 -> 33.5 px on the Usiigaci
+    mosaic); the diameter is one number per image (or per block-wise run), so it needs no
+    independence from where a window falls, and the zoo's centroids are Cellpose-tiled."""
+    return replace(opts, tile=True) if opts.tile == "grid" else opts
 
 
 def merge_options(options: SegmentOptions | None, overrides: dict[str, Any]) -> SegmentOptions:

@@ -143,6 +143,19 @@ def test_grid_network_output_of_a_window_is_the_whole_images(mosaic, segmenter):
                                        rtol=0, atol=1e-4)
 
 
+def test_grid_size_estimate_and_style_are_cellpose_tiled(mosaic, segmenter):
+    """The diameter (one number per image) and the style auto compares are computed with
+    Cellpose's tiles under tile="grid" too: the same values as the default tiling."""
+    from cellplug.segmenter import SegmentOptions
+
+    grid, tiles = SegmentOptions(tile="grid"), SegmentOptions()
+    assert segmenter.estimate_diameter(mosaic, grid) == segmenter.estimate_diameter(mosaic,
+                                                                                  tiles)
+    x = segmenter.prepare(mosaic, tiles)
+    np.testing.assert_array_equal(segmenter.default_scale_style(x, grid),
+                                  segmenter.default_scale_style(x, tiles))
+
+
 def test_grid_tiles_cover_every_window_and_stay_on_the_grid():
     from cellplug.aligned import PAD, grid_starts, grid_stride
 
