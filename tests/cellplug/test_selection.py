@@ -80,7 +80,22 @@ def test_fallback_to_the_reference_when_no_centroid_is_close(user_zoo, styles):
     assert seg.diameter == plain.diameter
 
 
-def test_a_gated_out_cluster_routes_its_images_to_the_reference(user_zoo, styles, monkeypatch):
+@pytest.fixture
+def network_calls(monkeypatch) -> list[str]:
+    """The model name of every network pass run from here on (Segmenter.network counted)."""
+    calls: list[str] = []
+    original = Segmenter.network
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.model.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "network", counting)
+    return calls
+
+
+def test_a_gated_out_cluster_routes_its_images_to_the_reference(user_zoo, styles,
+                                                                network_calls):
     """A cluster whose model lost its gate keeps its centroid: its images go to the
     reference, not to the next-nearest model, and that model's network never runs."""
     gate = {"images": ["a", "b", "c"], "ap50": {"reference": 0.8, "0.50": 0.78, "1.00": 0.75},
@@ -88,21 +103,13 @@ def test_a_gated_out_cluster_routes_its_images_to_the_reference(user_zoo, styles
     zoo_model(user_zoo, "fluo-like", styles["dsb2018_fluo"], gate=gate,
               route_to_reference=True)
     zoo_model(user_zoo, "phase-like", styles["usiigaci_phc"], min_similarity=-1.0)
-    calls: list[str] = []
-    original = Segmenter.network
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.model.name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Segmenter, "network", counting)
     image = tifffile.imread(FLUO)
     seg, choice = AutoSegmenter.from_zoo().segment(image)
     assert choice.model == "generalist" and choice.nearest == "fluo-like"
     assert choice.routed and not choice.fallback
     assert choice.to_dict()["routed"] is True
     assert "3 held-out images (AP@0.5 0.780 vs 0.800)" in choice.reason
-    assert set(calls) == {"generalist"}
+    assert set(network_calls) == {"generalist"}
     plain = Segmenter.from_model("generalist").segment(image)
     np.testing.assert_array_equal(seg.labels, plain.labels)
     # the other cluster's model, which passed (no gate), still segments its own images
@@ -110,19 +117,12 @@ def test_a_gated_out_cluster_routes_its_images_to_the_reference(user_zoo, styles
     assert choice.model == "phase-like" and not choice.routed
 
 
-def test_the_reference_pass_is_done_once(user_zoo, styles, monkeypatch):
+def test_the_reference_pass_is_done_once(user_zoo, styles, network_calls):
     """auto runs exactly the network passes of one plain segmentation: the reference's style
     and size passes are reused by the chosen model (and by the reference itself)."""
     zoo_model(user_zoo, "fluo-like", styles["dsb2018_fluo"])
     image = tifffile.imread(FLUO)
-    calls: list[str] = []
-    original = Segmenter.network
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.model.name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Segmenter, "network", counting)
+    calls = network_calls
     Segmenter.from_model("generalist").segment(image)
     plain = list(calls)
     calls.clear()
