@@ -103,7 +103,7 @@ def network_window(
     ``resample=False``, over the whole rescaled image (``box`` must then be the whole image);
     the style float32 (S,) of the tiles run (L2-normalised sum); the number of tiles.
     """
-    from .inference import forward_batches, resolve_precision
+    from .inference import forward_batches, pooled_style, resolve_precision
 
     y0, y1, x0, x1 = (int(v) for v in box)
     dst = rescaled_shape(shape, rescale)
@@ -143,6 +143,4 @@ def network_window(
             lambda a, b: win[:, a.start - wy[0] : a.stop - wy[0], b.start - wx[0] : b.stop - wx[0]],
             dst, shape, (y0, y1), (x0, x1),
         )
-    style = styles.sum(axis=0)
-    style = (style / np.sqrt((style**2).sum())).astype(np.float32)
-    return np.ascontiguousarray(win, np.float32), style, len(starts)
+    return np.ascontiguousarray(win, np.float32), pooled_style(styles), len(starts)

@@ -2,8 +2,8 @@
 the blocks fall.
 
 The image (Y, X[, C]) is cut into a grid of *cores* of ``block`` x ``block`` pixels. Each
-block is segmented on its core plus a *halo* (default four object diameters) with the
-ordinary :meth:`~cellplug.segmenter.Segmenter.segment_prepared` (network, flows, masks), so
+block is segmented on its core plus a *halo* (default four object diameters) with
+:meth:`~cellplug.segmenter.Segmenter.segment_window` (network, flows, masks), so
 an object near a core's edge is seen whole and with its context. The network output of a
 block is computed on a tile grid fixed to the image's origin (:mod:`cellplug.aligned`,
 ``tile="grid"``), from exactly the source pixels a whole-image run would resample, so inside

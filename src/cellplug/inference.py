@@ -166,6 +166,13 @@ def forward_batches(
     return np.concatenate(raws), np.concatenate(styles)
 
 
+def pooled_style(styles: np.ndarray) -> np.ndarray:
+    """The style of a tiled pass: the tiles' styles (float32 (N, S)) summed, L2-normalised."""
+    style = styles.sum(axis=0)
+    style /= np.sqrt((style**2).sum())
+    return style.astype(np.float32)
+
+
 def run_network(
     net: Any,
     image: np.ndarray,
@@ -219,7 +226,4 @@ def run_network(
     raw, styles = forward_batches(net, tiles, batch_size=batch_size, precision=precision)
     raw = tiling.unflip_outputs(raw, grid, vector_channels)
     blended = tiling.blend_tiles(raw, grid)[:, : padded.shape[1], : padded.shape[2]]
-    style = styles.sum(axis=0)
-    style /= np.sqrt((style**2).sum())
-    style = style.astype(np.float32)
-    return NetworkOutput(blended[:, sy, sx], style, grid.n_tiles, True, precision)
+    return NetworkOutput(blended[:, sy, sx], pooled_style(styles), grid.n_tiles, True, precision)
