@@ -15,7 +15,7 @@ CPU without it), each configuration in its own process:
 
 Two times per configuration and size:
 
-- **process**: from the worker process's creation (``psutil``) to its masks written: Python
+- **process**: from just before the worker process is spawned to its masks written: Python
   start, imports, model loading, reading the image, the exported model's compilation
   (OpenVINO: from its on-disk cache, warmed once before; a cold cache is measured apart),
   segmentation and writing. The issue's "end to end, whole process".
@@ -100,15 +100,19 @@ class OrtNet:
 
 # -- worker ------------------------------------------------------------------------------------
 def worker(args: argparse.Namespace) -> None:
-    import psutil
     import tifffile
 
     spec = CONFIGS[args.config]
     if spec["engine"] != "cellpose":  # as in the CLI: cellplug is imported before torch
         import cellplug.segmenter  # noqa: F401
-    import torch
+    if spec.get("backbone") == "openvino":  # a warm cache needs no torch: don't import it
+        from cellplug_openvino.engine import default_threads
 
-    threads = torch.get_num_threads()
+        threads = default_threads()
+    else:
+        import torch
+
+        threads = torch.get_num_threads()
     image = tifffile.imread(args.image)
     extra: dict = {}
     if spec["engine"] == "cellpose":
@@ -138,11 +142,14 @@ def worker(args: argparse.Namespace) -> None:
             return seg.segment(image, opts).labels
     masks = np.asarray(run(), np.uint32)
     tifffile.imwrite(args.masks_out + ".tif", masks)
-    process_seconds = time.time() - psutil.Process().create_time()
+    # from the parent's clock just before it spawned this process: psutil's create_time()
+    # counts from /proc/stat's boot time, which Linux gives in whole seconds (up to 1 s off)
+    process_seconds = time.time() - args.spawned_at
     if spec.get("backbone") == "openvino":
-        from cellplug_openvino.runtime import runner_of
+        from cellplug_openvino.engine import stats_of
 
-        extra["openvino_first_run"] = dict(runner_of(seg.net).stats)
+        extra["openvino_first_run"] = dict(stats_of(seg.net) or {})
+        extra["torch_imported"] = "torch" in sys.modules
     t0 = time.perf_counter()
     run()
     segment_seconds = time.perf_counter() - t0
@@ -158,7 +165,8 @@ def _run(config: str, image: Path, model: str, cache: Path, stem: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--config", config, "--image", str(image),
            "--model", model, "--cache", str(cache), "--masks-out", f"{stem}.npy",
            "--result-out", f"{stem}.json", "--calibration", str(cache.parent / "calibration")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([*cmd, "--spawned-at", repr(time.time())], capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{config} on {image.name}: worker failed\n{proc.stderr[-3000:]}")
     return json.loads(Path(f"{stem}.json").read_text())
@@ -238,6 +246,7 @@ def main() -> int:
     for hidden in ("--config", "--image", "--cache", "--masks-out", "--result-out",
                    "--calibration"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -317,7 +326,8 @@ def main() -> int:
         "settings": {"tiles": "224 px, 10 % overlap (Cellpose's mode)", "precision": "float32",
                      "channels": [0, 0], "diameter": "model diam_mean (rescale 1)",
                      "flow_threshold": 0.4, "cellprob_threshold": 0.0,
-                     "threads": "torch's default (OpenVINO and ONNX Runtime: the same count)"},
+                     "threads": "torch's default; OpenVINO without torch: the CPUs the process "
+                                "may use (the threads column of the json has each row's)"},
         "openvino_cold_cache": cold,
         "results": rows,
         "validation": val,
@@ -350,16 +360,19 @@ def _markdown(doc: dict) -> str:
         f"otherwise idle machine: run it under the shared benchmark lock)",
         f"- versions: {doc['versions']}",
         f"- settings: {doc['settings']}",
-        "- process: worker process creation to masks written (imports, model load, image "
-        "read, compile from the warm cache, segmentation, write); segment: a second, warm "
-        "call in the same process",
+        "- process: from just before the worker process is spawned to its masks written "
+        "(imports, model load, image read, compile from the warm cache, segmentation, "
+        "write); segment: a second, warm call in the same process",
+        "- OpenVINO rows with a warm cache: torch imported "
+        + ", ".join(f"{r['size']}² {r['config']}: {r['torch_imported']}"
+                    for r in doc["results"] if "torch_imported" in r),
         f"- OpenVINO's first run with an empty cache ({cold['image']}): export "
         f"{cold['export_seconds']:.1f} s, compile {cold['compile_seconds']:.1f} s, whole "
         f"process {cold['process_seconds']:.1f} s (ONNX Runtime, export included: "
         f"{cold.get('onnxruntime_process_seconds', float('nan')):.1f} s)",
         *([f"- int8: quantised once per weights and calibration images ({CALIBRATION_IMAGES} "
            f"dsb2018 training images, never the validation split; NNCF post-training "
-           f"quantisation, 300 tiles): {cold['int8_quantise_seconds']:.1f} s, whole first "
+           f"quantisation, up to 300 tiles): {cold['int8_quantise_seconds']:.1f} s, whole first "
            f"process {cold['int8_process_seconds']:.1f} s"] if "int8_process_seconds" in cold
           else []),
         "",

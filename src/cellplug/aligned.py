@@ -131,7 +131,7 @@ def network_window(
     tiles = np.stack([canvas[:, a : a + bsize, b : b + bsize] for a, b in starts])
     del canvas
     raw, styles = forward_batches(net, tiles, batch_size=batch_size,
-                                  precision=resolve_precision(precision))
+                                  precision=resolve_precision(precision, net))
     del tiles
     grid = tiling.TileGrid(cy1 - cy0, cx1 - cx0, bsize, bsize,
                            tuple(int(a) - cy0 for a in ty), tuple(int(b) - cx0 for b in tx))

@@ -67,6 +67,23 @@ def register_backbones(register: Register) -> None:
       (``--backbone-option``), the rest go to ``base``'s factory. ``cellplug plugins list``
       shows which models each backbone runs.
 
+    A runtime backbone may also skip torch altogether once it has seen a weights file:
+
+    - ``factory.load_cached(weights, options) -> (module, facts) | None``: build the module
+      for the weights file ``weights`` (a path) and the factory ``options`` from the
+      backbone's own cache, without loading the weights with torch; ``None`` when the cache
+      cannot (the core then loads them with torch and calls the factory). ``facts`` are what
+      the core would have read from the weights: ``n_channels``, and ``diam_mean`` /
+      ``diam_labels`` where the state dict holds them.
+    - ``module.remember_weights_file(weights, options, facts)``: called on a module the
+      factory built, after the core loaded ``weights`` into it, so that the backbone can
+      record the facts for ``load_cached``.
+    - An *array module* (``module.takes_arrays = True``) is called as ``module(x,
+      precision)`` with ``x`` a float32 numpy array (B, C, H, W) and ``precision``
+      ``"fp32"`` or ``"bf16"``, and returns numpy ``(raw, style)`` as above; the core then
+      never imports torch for it. It may carry ``nbase`` (its feature widths) and gets a
+      ``threads`` attribute from the segmenter.
+
     The kit :mod:`cellplug.testing` checks these contracts for a plugin's backbone.
     """
 

@@ -65,17 +65,7 @@ class NetworkOutput:
 
 
 @functools.cache
-def bf16_supported() -> bool:
-    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX) in torch."""
-    import torch
-
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-    except (AttributeError, RuntimeError):
-        return False
+def _cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
             flags = fh.read()
@@ -84,11 +74,35 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str) -> str:
-    """``"auto"`` -> ``"bf16"`` where the CPU has native bfloat16, else ``"fp32"``;
-    ``"fp32"`` and ``"bf16"`` are returned as given."""
+@functools.cache
+def _torch_has_bf16() -> bool:
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_supported(net: Any = None) -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX).
+
+    For a torch module (or no ``net``), torch's oneDNN must support them too. An array
+    backbone (``net.takes_arrays``, see :func:`forward_batches`) runs its own engine, so
+    only the CPU is asked and torch is not imported.
+    """
+    if not _cpu_has_bf16():
+        return False
+    return True if getattr(net, "takes_arrays", False) else _torch_has_bf16()
+
+
+def resolve_precision(precision: str, net: Any = None) -> str:
+    """``"auto"`` -> ``"bf16"`` where the CPU has native bfloat16 (for ``net``: see
+    :func:`bf16_supported`), else ``"fp32"``; ``"fp32"`` and ``"bf16"`` are returned as given."""
     if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
+        return "bf16" if bf16_supported(net) else "fp32"
     if precision not in ("fp32", "bf16"):
         raise CellplugError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     return precision
@@ -146,9 +160,14 @@ def forward_batches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``net`` on float32 (N, C, H, W) in chunks of ``batch_size``.
 
-    Inputs are passed channels-last under ``torch.inference_mode``; with ``precision="bf16"``
-    under bfloat16 autocast. Returns raw float32 (N, K, H, W) and styles float32 (N, S).
+    A torch module gets channels-last tensors under ``torch.inference_mode``, with
+    ``precision="bf16"`` under bfloat16 autocast. An *array backbone* (``net.takes_arrays``
+    true, e.g. ``cellplug-openvino`` loaded from its cache) is called as ``net(x,
+    precision)`` with float32 numpy arrays and returns numpy ``(raw, style)``; torch is not
+    imported for it. Returns raw float32 (N, K, H, W) and styles float32 (N, S).
     """
+    if getattr(net, "takes_arrays", False):
+        return _forward_arrays(net, batch, batch_size, precision)
     import torch
 
     raws, styles = [], []
@@ -163,6 +182,21 @@ def forward_batches(
             if bf16:  # normalised in bfloat16 inside the net; renormalise in float32
                 style = style / torch.sqrt((style**2).sum(dim=1, keepdim=True))
             styles.append(style.numpy())
+    return np.concatenate(raws), np.concatenate(styles)
+
+
+def _forward_arrays(
+    net: Any, batch: np.ndarray, batch_size: int, precision: str
+) -> tuple[np.ndarray, np.ndarray]:
+    raws, styles = [], []
+    for start in range(0, batch.shape[0], batch_size):
+        x = np.ascontiguousarray(batch[start : start + batch_size], dtype=np.float32)
+        raw, style = net(x, precision)
+        raws.append(np.asarray(raw, np.float32))
+        style = np.asarray(style, np.float32)
+        if precision == "bf16":  # as for torch: renormalise the style in float32
+            style = style / np.sqrt((style**2).sum(axis=1, keepdims=True))
+        styles.append(style)
     return np.concatenate(raws), np.concatenate(styles)
 
 
@@ -214,7 +248,7 @@ def run_network(
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise CellplugError(f"network input must be (C, Y, X), got shape {image.shape}")
-    precision = resolve_precision(precision)  # type: ignore[assignment]
+    precision = resolve_precision(precision, net)  # type: ignore[assignment]
     width = _first_width(net)
     tiled = augment or choose_tiling(tile, image.shape[1:], precision, width, memory_budget)
     padded, (sy, sx) = tiling.pad_image(image)

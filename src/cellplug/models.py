@@ -475,16 +475,55 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
     backbone accepts, ``n_channels`` must be the network's input channels, and the size model
     and style centroid must have the length of the network's style vector (one small probe
     pass, which also checks that the backbone keeps its contract).
+
+    A runtime backbone with ``factory.load_cached`` is first asked for a module built from
+    its own cache of this weights file, without torch (see
+    :func:`cellplug.hookspecs.register_backbones`); otherwise the weights are loaded with
+    torch, and a module with ``remember_weights_file`` is told what was learnt from them.
     """
     registry = registry or get_registry()
     factory = registry.get("backbone", info.backbone)
-    state = load_state_dict(info.weights)
     where = _metadata_path(info.weights) if info.metadata.get("format") != "cellpose" else (
         info.weights
     )
     given = dict(info.metadata.get("backbone_options", {}))
+    _check_options(factory, dict(given), info, where)
+    cached = None
+    load_cached = getattr(factory, "load_cached", None)
+    if load_cached is not None and is_runtime_backbone(factory):
+        cached = load_cached(info.weights, dict(given))
+    if cached is not None:
+        net, facts = cached
+    else:
+        net, facts = _network_from_state(factory, info, given, where, registry)
+        remember = getattr(net, "remember_weights_file", None)
+        if remember is not None:
+            remember(info.weights, dict(given), dict(facts))
+    # Cellpose files carry the diameters in the state dict; metadata, when present, wins
+    for key in ("diam_mean", "diam_labels"):
+        if key not in info.metadata and facts.get(key) is not None:
+            value = float(facts[key])
+            _number(value, f"{info.weights}: {key} in the weights", positive=True)
+            info.metadata[key] = value
+    net_channels = int(facts["n_channels"])
+    n_channels = info.metadata.setdefault("n_channels", net_channels)
+    if n_channels != net_channels:
+        raise CellplugError(
+            f"{where}: field 'n_channels' is {n_channels}, the weights take {net_channels} "
+            f"input channels"
+        )
+    _probe(net, net_channels, info, where, registry)
+    return net
+
+
+def _network_from_state(
+    factory: Any, info: ModelInfo, given: dict[str, Any], where: Path,
+    registry: PluginRegistry,
+) -> tuple[Any, dict[str, Any]]:
+    """The torch module with the weights of ``info`` loaded, and the facts the weights
+    gave: ``n_channels``, and ``diam_mean``/``diam_labels`` where the state dict has them."""
+    state = load_state_dict(info.weights)
     options = dict(given)
-    _check_options(factory, options, info, where)
     accepts = getattr(factory, "accepts_state_dict", None)
     if is_runtime_backbone(factory):  # it runs its base backbone's weights: ask that one
         base = str(options.get("base") or _default_option(factory, "base"))
@@ -526,22 +565,14 @@ def build_network(info: ModelInfo, registry: PluginRegistry | None = None) -> An
             f"{info.weights}: weights do not fit backbone {info.backbone!r}{hint} "
             f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
         )
-    # Cellpose files carry the diameters in the state dict; metadata, when present, wins
+    facts: dict[str, Any] = {
+        "n_channels": int(options.get("n_channels", getattr(net, "n_channels", 2)))
+    }
     for key in ("diam_mean", "diam_labels"):
-        if key not in info.metadata and key in state:
-            value = float(state[key].reshape(-1)[0])
-            _number(value, f"{info.weights}: {key} in the weights", positive=True)
-            info.metadata[key] = value
-    net_channels = int(options.get("n_channels", getattr(net, "n_channels", 2)))
-    n_channels = info.metadata.setdefault("n_channels", net_channels)
-    if n_channels != net_channels:
-        raise CellplugError(
-            f"{where}: field 'n_channels' is {n_channels}, the weights take {net_channels} "
-            f"input channels"
-        )
+        if key in state:
+            facts[key] = float(state[key].reshape(-1)[0])
     net.float().eval()
-    _probe(net, net_channels, info, where, registry)
-    return net
+    return net, facts
 
 
 def _check_options(factory: Any, options: dict[str, Any], info: ModelInfo, where: Path) -> None:
@@ -566,11 +597,14 @@ def _check_options(factory: Any, options: dict[str, Any], info: ModelInfo, where
 
 def _probe(net: Any, n_channels: int, info: ModelInfo, where: Path, registry: Any) -> None:
     """One 32 x 32 pass: the backbone's contract, and the style length the metadata assumes."""
-    import torch
-
     try:
-        with torch.inference_mode():
-            out = net(torch.zeros(1, n_channels, 32, 32))
+        if getattr(net, "takes_arrays", False):  # an array backbone: numpy in and out
+            out = net(np.zeros((1, n_channels, 32, 32), np.float32), "fp32")
+        else:
+            import torch
+
+            with torch.inference_mode():
+                out = net(torch.zeros(1, n_channels, 32, 32))
         raw, style = out
         ok = raw.shape[:1] == (1,) and raw.shape[2:] == (32, 32) and style.ndim == 2
     except Exception as exc:  # noqa: BLE001 - a plugin's network may raise anything

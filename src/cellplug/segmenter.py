@@ -146,9 +146,12 @@ class Segmenter:
         self.vector_channels = tuple(
             c - 1 for c in getattr(decoder, "vector_channels", (1, 2))
         )  # raw channels are targets minus the foreground channel
-        import torch
+        # an array backbone (numpy in and out) runs without torch: so does everything here
+        self.torch_free = bool(getattr(self.net, "takes_arrays", False))
+        if not self.torch_free:
+            import torch
 
-        self.net = self.net.to(memory_format=torch.channels_last)
+            self.net = self.net.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_model(
@@ -221,8 +224,9 @@ class Segmenter:
                                        (0, shape[0], 0, shape[1]), opts, resample)
         x = prepared
         if rescale != 1.0:
-            x = transforms.resize(prepared, transforms.rescaled_shape(shape, rescale))
-        with _threads(self.threads):
+            x = transforms.resize(prepared, transforms.rescaled_shape(shape, rescale),
+                                  torch_free=self.torch_free)
+        with _threads(self.threads, self.net):
             out = run_network(
                 self.net,
                 x,
@@ -236,7 +240,7 @@ class Segmenter:
             )
         raw = out.raw
         if resample and raw.shape[1:] != shape:
-            raw = transforms.resize(raw, shape)
+            raw = transforms.resize(raw, shape, torch_free=self.torch_free)
         return raw, out.style, out.n_tiles
 
     def network_window(
@@ -251,7 +255,7 @@ class Segmenter:
 
         if opts.augment:
             raise CellplugError("tile 'grid' does not combine with test-time augmentation")
-        with _threads(self.threads):
+        with _threads(self.threads, self.net):
             return network_window(self.net, read, shape, rescale, box, bsize=opts.bsize,
                                   tile_overlap=opts.tile_overlap, batch_size=opts.batch_size,
                                   precision=opts.precision, resample=resample)
@@ -531,14 +535,18 @@ def default_niter(rescale: float, resample: bool = True) -> int:
 
 
 class _threads:
-    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    """Temporarily set torch's intra-op thread count (None: leave it). An array backbone
+    (``net.takes_arrays``) runs its own engine and takes ``threads`` as an attribute."""
 
-    def __init__(self, n: int | None) -> None:
+    def __init__(self, n: int | None, net: Any = None) -> None:
         self.n = n
         self.old: int | None = None
+        self.net = net
 
     def __enter__(self) -> None:
-        if self.n:
+        if self.n and getattr(self.net, "takes_arrays", False):
+            self.net.threads = self.n
+        elif self.n:
             import torch
 
             self.old = torch.get_num_threads()

@@ -9,6 +9,7 @@ to 1; resizing is bilinear without antialiasing (OpenCV's ``INTER_LINEAR``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +147,9 @@ def normalize_percentile(
     return out
 
 
-def resize(image: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
+def resize(
+    image: np.ndarray, shape: tuple[int, int], nearest: bool = False, torch_free: bool = False
+) -> np.ndarray:
     """Resize the last two axes of ``image`` to ``shape``.
 
     Bilinear with half-pixel centres and no antialiasing (the same samples as OpenCV's
@@ -158,10 +161,12 @@ def resize(image: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> 
         (Y, X) or (C, Y, X); float32 for bilinear; any integer dtype for nearest.
     shape
         Target (Y, X).
+    torch_free
+        Bilinear without torch (for array backbones, which never import it): the same
+        sample positions and weights as torch's ``interpolate``, computed in the same float
+        arithmetic, applied as two sparse matrix products; within one float32 ulp of the
+        torch result, and ~5x slower (0.66 s against 0.13 s for a 3 x 2048² image).
     """
-    import torch
-    from torch.nn import functional as F
-
     shape = (int(shape[0]), int(shape[1]))
     if image.shape[-2:] == shape:
         return image
@@ -176,11 +181,38 @@ def resize(image: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> 
         xs = np.minimum((np.arange(shape[1]) * (arr.shape[-1] / shape[1])).astype(np.int64),
                         arr.shape[-1] - 1)
         out = arr[:, ys][:, :, xs]
+    elif torch_free:
+        wy = _linear_matrix(arr.shape[-2], shape[0])
+        wx = _linear_matrix(arr.shape[-1], shape[1])
+        out = np.empty((arr.shape[0], *shape), np.float32)
+        for c in range(arr.shape[0]):  # along X first, then Y, as torch's kernel does
+            out[c] = wy @ (wx @ np.asarray(arr[c], np.float32).T).T
     else:
+        import torch
+        from torch.nn import functional as F
+
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
         with torch.inference_mode():
             out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0].numpy()
     return out[0] if squeeze else out
+
+
+def _linear_matrix(n_src: int, n_dst: int) -> Any:
+    """Sparse (n_dst, n_src) float32 bilinear weights of one axis, as torch computes them:
+    the scale in float32, the source coordinate ``scale * (dst + 0.5) - 0.5`` in double
+    rounded to float32 and clamped at 0, the upper weight in float32."""
+    from scipy import sparse
+
+    scale = np.float64(np.float32(n_src) / np.float32(n_dst))
+    src = (scale * (np.arange(n_dst, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_src - 1)
+    w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+    i1 = np.where(i0 < n_src - 1, i0 + 1, i0)
+    rows = np.repeat(np.arange(n_dst), 2)
+    cols = np.stack([i0, i1], 1).ravel()
+    vals = np.stack([np.float32(1) - w1, w1], 1).ravel()
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(n_dst, n_src), dtype=np.float32)
 
 
 def rescaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:

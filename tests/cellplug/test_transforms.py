@@ -243,3 +243,18 @@ def test_prepare_image_passes_network_channels_and_inversion(rgb):
     np.testing.assert_allclose(prepare_image(rgb, (2, 0), percentiles=(0, 100))[0],
                                (rgb[..., 1] - rgb[..., 1].min())
                                / float(np.ptp(rgb[..., 1])), rtol=1e-6)
+
+
+@pytest.mark.parametrize("src,dst", [((37, 53), (61, 40)), ((256, 256), (333, 190)),
+                                     ((100, 80), (100, 81)), ((5, 300), (2, 1000))])
+def test_torch_free_resize_is_torch_resize_to_an_ulp(src, dst):
+    """Array backbones segment without torch: their bilinear resize must give torch's
+    samples (same positions and weights; only float rounding of the sums may differ)."""
+    rng = np.random.default_rng(0)
+    image = rng.random((3, *src), dtype=np.float32)
+    want = resize(image, dst)
+    got = resize(image, dst, torch_free=True)
+    assert got.shape == want.shape == (3, *dst) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2.5e-7)
+    flat = resize(image[0], dst, torch_free=True)
+    np.testing.assert_array_equal(flat, got[0])

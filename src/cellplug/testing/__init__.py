@@ -267,6 +267,40 @@ def check_backbone_matches_base(subject: Subject) -> None:
     np.testing.assert_allclose(style, style_t, atol=1e-4)
 
 
+def check_backbone_loads_cached(subject: Subject) -> None:
+    """A backbone with ``load_cached``: once the core has loaded a weights file (and the
+    module remembered it), ``load_cached`` serves it with the same facts and outputs, and
+    ``build_network`` takes that module; a weights file never loaded is a miss (None)."""
+    from ..inference import forward_batches
+    from ..models import ModelInfo, build_network, read_metadata
+
+    factory = subject.obj()
+    load_cached = getattr(factory, "load_cached", None)
+    if load_cached is None:
+        return
+    x = _batch((2, 2, 48, 64), seed=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        # weights of a random seed: a backbone's cache may outlive this check, and must
+        # not have seen these weights before
+        seed = int.from_bytes(os.urandom(4), "little") >> 1
+        info = _saved_model(subject, build_backbone(subject, seed=seed), Path(tmp))
+        options = dict(info.metadata["backbone_options"])
+        assert load_cached(info.weights, options) is None, "a hit for weights never loaded"
+        first = build_network(info, subject.reg)  # the torch path; remembers the file
+        want_raw, want_style = forward_batches(first, x, 2, "fp32")
+        cached = load_cached(info.weights, options)
+        assert cached is not None, "no hit for weights the core has loaded"
+        net, facts = cached
+        assert int(facts["n_channels"]) == 2, f"facts {facts}"
+        raw, style = forward_batches(net, x, 2, "fp32")
+        scale = float(np.abs(want_raw).max()) or 1.0
+        assert float(np.abs(raw - want_raw).max()) <= 1e-4 * scale + 1e-5, "cached output differs"
+        np.testing.assert_allclose(style, want_style, atol=1e-5)
+        again = build_network(ModelInfo(info.name, info.weights, read_metadata(info.weights)),
+                              subject.reg)
+        assert type(again) is type(net), "build_network did not take the cached module"
+
+
 # -- decoder checks ----------------------------------------------------------------------------
 def check_decoder(subject: Subject) -> None:
     """n_outputs, targets, decode and loss keep the decoder contract."""
@@ -337,7 +371,7 @@ CHECKS: dict[str, list[Callable[[Subject], None]]] = {
     "backbone": [check_backbone_forward, check_backbone_batch_independent,
                  check_backbone_deterministic, check_backbone_odd_sizes,
                  check_backbone_with_default_plugins, check_backbone_trains_and_reloads,
-                 check_backbone_matches_base],
+                 check_backbone_matches_base, check_backbone_loads_cached],
     "decoder": [check_decoder],
     "reconstructor": [check_reconstructor],
 }

@@ -231,3 +231,45 @@ def test_int8_is_quantised_once_per_calibration_and_needs_images(tmp_path, data_
         build_backbone(Subject("backbone", "openvino", {**options, "calibration": None}))
     with pytest.raises(ValueError, match="no images in it"):
         runtime.calibration_files(tmp_path / "cache")
+
+
+def test_a_warm_cache_segments_without_torch(segmenters, cache, data_dir, tmp_path):
+    """Once the generalist is exported (by the segmenters fixture), a new process runs
+    `cellplug segment --backbone openvino` without importing torch, with the labels of the
+    in-process OpenVINO path; a damaged entry sends it back through torch, which rebuilds."""
+    import subprocess
+    import sys
+
+    from cellplug.io import read_image, read_labels
+
+    image = data_dir / "dsb2018_he.tif"
+    _, ov_seg = segmenters
+    want = ov_seg.segment(read_image(image), diameter=0, precision="fp32").labels
+    script = ("import sys; from cellplug.cli import main\n"
+              "try:\n    main(sys.argv[1:], standalone_mode=False)\n"
+              "finally:\n    print('TORCH', 'torch' in sys.modules)\n")
+
+    def run(out):
+        args = [sys.executable, "-c", script, "segment", str(image), "--out", str(out),
+                "--backbone", "openvino", "--backbone-option", f"cache_dir={cache}",
+                "--precision", "fp32", "-q"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout, read_labels(out / "dsb2018_he_masks.tif")
+
+    stdout, got = run(tmp_path / "warm")
+    assert "TORCH False" in stdout
+    # the same compiled model; only the thread count may differ (torch's default vs the
+    # CPUs this process may use), which can move a boundary pixel
+    assert (got == want).mean() >= 0.999
+
+    # the generalist's entry: the largest export in this module's cache
+    entry = max((p for p in cache.iterdir() if (p / "model.bin").is_file()),
+                key=lambda p: (p / "model.bin").stat().st_size)
+    with open(entry / "model.bin", "r+b") as fh:  # damaged: the fast path must not use it
+        fh.seek(100)
+        fh.write(b"\xff\xff\xff\xff")
+    stdout, got = run(tmp_path / "damaged")
+    assert "TORCH True" in stdout and (got == want).mean() >= 0.999
+    stdout, got = run(tmp_path / "rebuilt")  # the torch run rebuilt the entry
+    assert "TORCH False" in stdout and (got == want).mean() >= 0.999

@@ -47,11 +47,21 @@ def build_openvino(
                       calibration=calibration)
 
 
+def load_cached(weights: Any, options: dict[str, Any]) -> Any:
+    """The contract's ``load_cached``: the export of this weights file, run without torch
+    (:func:`cellplug_openvino.engine.load_cached`), or None on a cache miss."""
+    from .engine import load_cached as load
+
+    return load(weights, options)
+
+
 # The backbone contract's optional declarations (cellplug.hookspecs.register_backbones):
-# it cannot be trained (cellplug train trains ``base`` in torch instead), and it runs the
-# weights of any torch backbone, named by its ``base`` option.
+# it cannot be trained (cellplug train trains ``base`` in torch instead), it runs the
+# weights of any torch backbone, named by its ``base`` option, and it loads a weights file
+# it has exported before without torch.
 build_openvino.inference_only = True  # type: ignore[attr-defined]
 build_openvino.runs = "*"  # type: ignore[attr-defined]
+build_openvino.load_cached = load_cached  # type: ignore[attr-defined]
 
 
 @hookimpl

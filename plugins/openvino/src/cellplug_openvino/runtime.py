@@ -1,4 +1,4 @@
-"""A torch backbone run by OpenVINO: export once per weights, compile once per input shape.
+"""A torch backbone run by OpenVINO: export once per weights, compile once per precision.
 
 :func:`accelerate` turns a torch backbone module into one whose inference passes run an
 OpenVINO model. The module keeps its class (a subclass is swapped in), parameters and
@@ -7,24 +7,16 @@ only ``forward`` changes, and only where no gradient is wanted: in training mode
 autograd on, the torch ``forward`` runs (this backbone is inference-only; it never trains
 through OpenVINO).
 
-Why OpenVINO: on this project's CPU (2 threads, AVX-512) its float32 convolutions (oneDNN,
-Winograd) run the Cellpose network 3.3-3.7x faster than torch float32 with the same numbers
-(max abs error ~1e-4 on the raw output); ONNX Runtime is measured beside it in
+Why OpenVINO: on this project's CPU (2 threads, AVX-512) its float32 convolutions run the
+Cellpose network 2.5-3.5x faster than torch float32 with the same numbers (max abs error
+~1e-4 on the raw output); ONNX Runtime is measured beside it in
 ``benchmarks/bench_runtime.py``.
 
-The cache, under ``cache_dir`` (default ``$CELLPLUG_CACHE/openvino`` or
-``~/.cache/cellplug/openvino``):
-
-- ``<sha256>/model.xml``, ``model.bin``, ``entry.json``: the exported model, one folder per
-  weights. The key is the sha256 of the weights (every tensor's name, dtype, shape and
-  bytes, plus the base backbone's name), so changed weights get a new entry. An entry is
-  used only when ``entry.json`` names the same key, base and OpenVINO version and the files'
-  own sha256 match; otherwise it is stale: it is exported again and replaced.
-- ``<sha256>/int8-<key>/``: the int8 model quantised from it (precision ``"int8"``): NNCF's
-  post-training quantisation, calibrated on tiles of the images given as ``calibration``;
-  the key covers the calibration files' sha256, the settings and the NNCF version.
-- ``compiled/``: OpenVINO's own cache of compiled models (``CACHE_DIR``), one blob per input
-  shape and precision, keyed by OpenVINO on the model's content.
+This is the path that exports: the first time a weights file is used (or after its cache
+entry went stale). It also records the weights file in the cache's index
+(:meth:`OpenVINOForward.remember_weights_file`), so later processes load the export with
+:func:`cellplug_openvino.engine.load_cached`, without torch. The cache layout is described
+in :mod:`cellplug_openvino.engine`.
 """
 
 from __future__ import annotations
@@ -36,29 +28,34 @@ import os
 import shutil
 import time
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-ENTRY_FILES = ("model.xml", "model.bin")
-PRECISIONS = ("auto", "f32", "bf16", "int8")
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-CALIBRATION_TILES = 300  # NNCF's default subset size
-CALIBRATION_TILE = 224
-MAX_COMPILED = 8  # input shapes kept compiled in memory (tiles, the last partial batch, ...)
+from .engine import (
+    CALIBRATION_TILE,
+    CALIBRATION_TILES,
+    PRECISIONS,
+    Engine,
+    StaleCacheWarning,
+    calibration_files,
+    calibration_tiles,
+    default_cache_dir,
+    entry_problem,
+    files_sha256,
+    int8_ok,
+    int8_settings,
+    ov,
+    publish,
+    split_options,
+    write_index,
+)
 
-
-class StaleCacheWarning(UserWarning):
-    """An exported model on disk did not match its weights or files; it was rebuilt."""
-
-
-def default_cache_dir() -> Path:
-    """``$CELLPLUG_CACHE/openvino``, else ``~/.cache/cellplug/openvino``."""
-    root = os.environ.get("CELLPLUG_CACHE") or Path.home() / ".cache" / "cellplug"
-    return Path(root) / "openvino"
+__all__ = ["CALIBRATION_TILE", "CALIBRATION_TILES", "Runner", "StaleCacheWarning",
+           "accelerate", "calibration_files", "calibration_tiles", "runner_of",
+           "weights_sha256"]
 
 
 def weights_sha256(net: torch.nn.Module, base: str = "") -> str:
@@ -73,62 +70,14 @@ def weights_sha256(net: torch.nn.Module, base: str = "") -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_sha256(folder: Path) -> dict[str, str]:
-    return {name: _file_sha256(folder / name) for name in ENTRY_FILES}
-
-
-def _files_problem(folder: Path, recorded: dict[str, str]) -> str | None:
-    """Why the model files in ``folder`` do not match their ``recorded`` sha256, or None."""
-    for name in ENTRY_FILES:
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if _file_sha256(path) != recorded.get(name):
-            return f"{name} does not match its recorded sha256"
-    return None
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Put the finished folder ``tmp`` in place of ``final`` (rename: never half-written)."""
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    try:
-        tmp.rename(final)
-    except OSError:  # another process put a fresh entry there first: use that one
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _version(t: torch.Tensor) -> int:
     # tensors made under torch.inference_mode (a module built there) have no version counter;
     # they can change in place only inside inference mode, which no training step uses
     return -1 if t.is_inference() else t._version
 
 
-def _ov() -> Any:
-    import openvino
-
-    return openvino
-
-
-@functools.cache
-def _core(compiled_dir: str) -> Any:
-    core = _ov().Core()
-    core.set_property({"CACHE_DIR": compiled_dir})
-    return core
-
-
 class Runner:
-    """The OpenVINO side of one accelerated module: its cache entry and compiled shapes."""
+    """The OpenVINO side of one accelerated module: its cache entry and compiled models."""
 
     def __init__(self, base: str, precision: str, threads: int | None,
                  cache_dir: str | os.PathLike[str] | None,
@@ -148,35 +97,20 @@ class Runner:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.key: str | None = None
         self._versions: tuple[int, ...] | None = None
-        self._model: Any = None
-        self._compiled: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._engine: Engine | None = None
         self.exporting = False
         # what the last preparation cost: the first run's compile time is reported by the
         # benchmark ("export" only when the cache had no valid entry)
         self.stats: dict[str, Any] = {"export_seconds": 0.0, "compile_seconds": 0.0,
-                                      "cache": None}
+                                      "cache": None, "torch": True}
 
     # -- cache entry ------------------------------------------------------------------------
     def entry_dir(self) -> Path:
         assert self.key is not None
         return self.cache_dir / self.key
 
-    def _check_entry(self, folder: Path) -> str | None:
-        """Why the entry in ``folder`` cannot be used, or None when it can."""
-        try:
-            entry = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return f"unreadable entry.json ({type(exc).__name__})"
-        expected = {"weights_sha256": self.key, "base": self.base,
-                    "openvino": _ov().__version__}
-        for field, value in expected.items():
-            if entry.get(field) != value:
-                return f"{field} is {entry.get(field)!r}, expected {value!r}"
-        return _files_problem(folder, entry.get("files", {}))
-
     def _export(self, net: torch.nn.Module, n_channels: int) -> None:
         """Convert ``net`` (torch forward) and write the entry atomically (folder rename)."""
-        ov = _ov()
         final = self.entry_dir()
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{self.key}-{os.getpid()}"
@@ -188,31 +122,31 @@ class Runner:
         self.exporting = True  # the trace must see torch's forward, not this runner
         try:
             with torch.no_grad():
-                model = ov.convert_model(net, example_input=torch.zeros(1, n_channels, 64, 64))
+                model = ov().convert_model(net, example_input=torch.zeros(1, n_channels, 64, 64))
         finally:
             self.exporting = False
             net.train(was_training)
         # float32 weights on disk: compress_to_fp16 would change the numbers
-        ov.save_model(model, tmp / "model.xml", compress_to_fp16=False)
-        entry = {"weights_sha256": self.key, "base": self.base, "openvino": ov.__version__,
-                 "files": _files_sha256(tmp),
+        ov().save_model(model, tmp / "model.xml", compress_to_fp16=False)
+        entry = {"weights_sha256": self.key, "base": self.base, "openvino": ov().__version__,
+                 "files": files_sha256(tmp),
                  "export_seconds": round(time.perf_counter() - t0, 3),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "entry.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
-        _publish(tmp, final)
+        publish(tmp, final)
         self.stats["export_seconds"] = time.perf_counter() - t0
 
     def _load(self, net: torch.nn.Module, n_channels: int) -> None:
         """Find (or export) the model of ``net``'s current weights."""
         self.key = weights_sha256(net, self.base)
         folder = self.entry_dir()
-        why = self._check_entry(folder) if folder.exists() else "absent"
+        why = entry_problem(folder, self.key, self.base) if folder.exists() else "absent"
         if why is not None:
             if why != "absent":
                 warnings.warn(f"OpenVINO cache entry {folder} is stale ({why}); rebuilding",
                               StaleCacheWarning, stacklevel=4)
             self._export(net, n_channels)
-            why2 = self._check_entry(folder)
+            why2 = entry_problem(folder, self.key, self.base)
             if why2 is not None:
                 raise RuntimeError(f"OpenVINO cache entry {folder} unusable after export: {why2}")
             self.stats["cache"] = "miss" if why == "absent" else "stale"
@@ -221,8 +155,7 @@ class Runner:
             self.stats["export_seconds"] = 0.0
         if self.precision == "int8":
             folder = self._int8_entry(folder, n_channels)
-        self._model = _core(str(self.cache_dir / "compiled")).read_model(folder / "model.xml")
-        self._compiled.clear()
+        self._engine = Engine(folder / "model.xml", self.cache_dir / "compiled")
 
     def _int8_entry(self, f32_folder: Path, n_channels: int) -> Path:
         """The int8 model quantised from the float32 one in ``f32_folder`` (made if absent
@@ -230,39 +163,27 @@ class Runner:
         import nncf
 
         assert self.calibration is not None
-        settings = {"tiles": CALIBRATION_TILES, "tile": CALIBRATION_TILE, "preset": "mixed",
-                    "fast_bias_correction": True, "nncf": nncf.__version__,
-                    "files": [[p.name, _file_sha256(p)] for p in self.calibration]}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        key, settings = int8_settings(self.calibration)
         folder = f32_folder / f"int8-{key}"
-        if (folder / "entry.json").exists() and self._int8_ok(folder, key):
+        if (folder / "entry.json").exists() and int8_ok(folder, key):
             return folder
         t0 = time.perf_counter()
         tiles = calibration_tiles(self.calibration, n_channels)
-        model = _ov().Core().read_model(f32_folder / "model.xml")
+        model = ov().Core().read_model(f32_folder / "model.xml")
         quantised = nncf.quantize(
             model, nncf.Dataset([t[None] for t in tiles]), subset_size=len(tiles),
             preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=True)
         tmp = f32_folder / f".tmp-int8-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _ov().save_model(quantised, tmp / "model.xml", compress_to_fp16=False)
+        ov().save_model(quantised, tmp / "model.xml", compress_to_fp16=False)
         entry = {"key": key, **settings, "calibration_tiles_used": len(tiles),
-                 "files_sha256": _files_sha256(tmp),
+                 "files_sha256": files_sha256(tmp),
                  "quantise_seconds": round(time.perf_counter() - t0, 3)}
         (tmp / "entry.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
-        _publish(tmp, folder)
+        publish(tmp, folder)
         self.stats["quantise_seconds"] = time.perf_counter() - t0
         return folder
-
-    @staticmethod
-    def _int8_ok(folder: Path, key: str) -> bool:
-        try:
-            entry = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return entry.get("key") == key and _files_problem(
-            folder, entry.get("files_sha256", {})) is None
 
     @staticmethod
     def _param_versions(net: torch.nn.Module) -> tuple[int, ...]:
@@ -281,35 +202,32 @@ class Runner:
         )
         return "bf16" if autocast else "f32"
 
-    def compiled_for(self, net: torch.nn.Module, shape: tuple[int, ...]) -> Any:
+    def engine_for(self, net: torch.nn.Module, n_channels: int) -> Engine:
         versions = self._param_versions(net)
-        if self._model is None or versions != self._versions:
-            self._load(net, shape[1])
+        if self._engine is None or versions != self._versions:
+            self._load(net, n_channels)
             self._versions = versions
-        precision = self.resolved_precision()
-        threads = self.threads or torch.get_num_threads()
-        key = (shape, precision, threads)
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
-        t0 = time.perf_counter()
-        model = self._model.clone()
-        model.reshape({model.inputs[0]: list(shape)})
-        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
-                  "PERFORMANCE_HINT": "LATENCY"}
-        compiled = _core(str(self.cache_dir / "compiled")).compile_model(model, "CPU", config)
-        self.stats["compile_seconds"] += time.perf_counter() - t0
-        self._compiled[key] = compiled
-        while len(self._compiled) > MAX_COMPILED:
-            self._compiled.popitem(last=False)
-        return compiled
+        assert self._engine is not None
+        return self._engine
 
     def run(self, net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        compiled = self.compiled_for(net, tuple(arr.shape))
-        result = compiled(arr)
-        return tuple(torch.from_numpy(np.array(result[out], np.float32))
-                     for out in compiled.outputs)
+        engine = self.engine_for(net, arr.shape[1])
+        out = engine.run(arr, self.resolved_precision(),
+                         self.threads or torch.get_num_threads())
+        self.stats["compile_seconds"] = engine.compile_seconds
+        return tuple(torch.from_numpy(o) for o in out)
+
+    def remember(self, net: torch.nn.Module, weights: Path, options: dict[str, Any],
+                 facts: dict[str, Any]) -> None:
+        """Index the weights file ``weights`` (loaded into ``net`` with ``options``): later
+        processes find its export by the file's sha256 and load it without torch."""
+        _, network = split_options(options)
+        network.pop("base", None)
+        nbase = getattr(net, "nbase", None)
+        write_index(self.cache_dir, Path(weights), self.base, network, {
+            "weights_sha256": weights_sha256(net, self.base), "base": self.base,
+            "facts": facts, "nbase": None if nbase is None else [int(n) for n in nbase]})
 
 
 class OpenVINOForward:
@@ -322,6 +240,14 @@ class OpenVINOForward:
         if self.training or torch.is_grad_enabled() or runner.exporting:  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
         return runner.run(self, x)  # type: ignore[arg-type]
+
+    def remember_weights_file(self, weights: Path, options: dict[str, Any],
+                              facts: dict[str, Any]) -> None:
+        """The backbone contract's hook, called by the core after it loaded ``weights``."""
+        try:
+            self._ov_runner.remember(self, weights, options, facts)  # type: ignore[arg-type]
+        except OSError as exc:  # a read-only cache: later runs take the torch path again
+            warnings.warn(f"OpenVINO cache index not written ({exc})", stacklevel=2)
 
 
 @functools.cache
@@ -346,44 +272,6 @@ def accelerate(net: torch.nn.Module, *, base: str = "", precision: str = "auto",
     return net
 
 
-def calibration_files(where: str | os.PathLike[str]) -> list[Path]:
-    """The images of ``where`` (an image file, or a folder's images; label images such as
-    ``*_masks.tif`` left out), sorted by name."""
-    path = Path(where)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ValueError(f"calibration {str(path)!r}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(t in p.stem.lower() for t in ("_mask", "_label", "_flow")))
-    if not files:
-        raise ValueError(f"calibration {str(path)!r}: no images in it")
-    return files
-
-
-def calibration_tiles(files: list[Path], n_channels: int, n: int = CALIBRATION_TILES,
-                      seed: int = 0) -> np.ndarray:
-    """float32 (N, C, 224, 224): network inputs as the segmenter makes them (normalised,
-    Cellpose's 224 px tiles), ``n`` of them drawn evenly over ``files`` with ``seed``."""
-    from cellplug import tiling
-    from cellplug.io import read_image
-    from cellplug.transforms import prepare_image
-
-    tiles = []
-    for path in files:
-        x = prepare_image(read_image(path), (0, 0), n_channels)
-        padded, _ = tiling.pad_image(x)
-        grid = tiling.tile_grid(padded.shape[1], padded.shape[2], CALIBRATION_TILE, 0.1)
-        cut = tiling.cut_tiles(padded, grid)
-        if cut.shape[2:] == (CALIBRATION_TILE, CALIBRATION_TILE):
-            tiles.append(cut)
-    if not tiles:
-        raise ValueError(f"calibration: no image of at least {CALIBRATION_TILE} px a side")
-    every = np.concatenate(tiles)
-    pick = np.random.default_rng(seed).permutation(len(every))[:n]
-    return np.ascontiguousarray(every[np.sort(pick)])
-
-
-def runner_of(net: torch.nn.Module) -> Runner | None:
+def runner_of(net: Any) -> Runner | None:
     """The :class:`Runner` of an accelerated module (None for a plain torch module)."""
     return getattr(net, "_ov_runner", None)
