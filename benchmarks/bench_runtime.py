@@ -172,13 +172,22 @@ def _run(config: str, image: Path, model: str, cache: Path, stem: Path) -> dict:
     return json.loads(Path(f"{stem}.json").read_text())
 
 
-def calibration_folder(folder: Path, n: int = CALIBRATION_IMAGES, seed: int = 0) -> Path:
-    """``n`` dsb2018 training images (never the validation split), all modalities: what the
-    int8 configuration is calibrated on."""
+def calibration_folder(folder: Path, n: int = CALIBRATION_IMAGES, seed: int = 0,
+                       modality: str | None = None) -> Path:
+    """``n`` dsb2018 training images (never the validation split, never an image of the
+    benchmark's mosaics), of ``modality`` or all: what the int8 configuration is calibrated
+    on."""
+    import csv
     import shutil
 
+    from bench_segment import mosaic_stems
+
     root = data_root() / "dsb2018"
-    pool = training_stems("dsb2018")
+    with open(root / "metadata.csv", newline="") as fh:
+        kind = {r["stem"]: r["modality"] for r in csv.DictReader(fh)}
+    mosaic = set(mosaic_stems(data_root(), 16))  # every crop of the 2048² mosaic
+    pool = [s for s in training_stems("dsb2018") if s not in mosaic
+            and (modality is None or kind.get(s) == modality)]
     folder.mkdir(parents=True, exist_ok=True)
     for i in np.random.default_rng(seed).permutation(len(pool))[:n]:
         shutil.copy(root / f"{pool[i]}.tif", folder / f"{pool[i]}.tif")
@@ -242,6 +251,9 @@ def main() -> int:
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-int8", action="store_true",
                     help="skip int8 (skipped anyway without cellplug-openvino[int8])")
+    ap.add_argument("--calibration-modality", default=None, metavar="MODALITY",
+                    help="int8: calibrate on dsb2018 training images of this modality only "
+                         "(e.g. fluorescence, the mosaics' type; default: all)")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the .md from a results .json")
     for hidden in ("--config", "--image", "--cache", "--masks-out", "--result-out",
                    "--calibration"):
@@ -288,7 +300,7 @@ def main() -> int:
             images[size] = tmp / f"mosaic_{size}.tif"
             tifffile.imwrite(images[size], make_image(size, data_root()))
         cache = tmp / "cache"
-        calibration_folder(tmp / "calibration")
+        calibration_folder(tmp / "calibration", modality=args.calibration_modality)
         cold = cold_runs(images[args.sizes[0]], model, cache, tmp, not args.no_onnx, int8)
         print(f"empty cache: {cold}", flush=True)
         for size in args.sizes:
@@ -327,7 +339,10 @@ def main() -> int:
                      "channels": [0, 0], "diameter": "model diam_mean (rescale 1)",
                      "flow_threshold": 0.4, "cellprob_threshold": 0.0,
                      "threads": "torch's default; OpenVINO without torch: the CPUs the process "
-                                "may use (the threads column of the json has each row's)"},
+                                "may use (the threads column of the json has each row's)",
+                     "int8_calibration": f"{CALIBRATION_IMAGES} dsb2018 training images, "
+                                         f"{args.calibration_modality or 'all modalities'}, "
+                                         "none from the mosaics or the validation split"},
         "openvino_cold_cache": cold,
         "results": rows,
         "validation": val,
@@ -370,8 +385,9 @@ def _markdown(doc: dict) -> str:
         f"{cold['export_seconds']:.1f} s, compile {cold['compile_seconds']:.1f} s, whole "
         f"process {cold['process_seconds']:.1f} s (ONNX Runtime, export included: "
         f"{cold.get('onnxruntime_process_seconds', float('nan')):.1f} s)",
-        *([f"- int8: quantised once per weights and calibration images ({CALIBRATION_IMAGES} "
-           f"dsb2018 training images, never the validation split; NNCF post-training "
+        *([f"- int8: quantised once per weights and calibration images ("
+           f"{doc['settings'].get('int8_calibration', 'dsb2018 training images')}; NNCF "
+           f"post-training "
            f"quantisation, up to 300 tiles): {cold['int8_quantise_seconds']:.1f} s, whole first "
            f"process {cold['int8_process_seconds']:.1f} s"] if "int8_process_seconds" in cold
           else []),
