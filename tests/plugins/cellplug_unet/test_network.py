@@ -18,8 +18,21 @@ def small_net() -> StyleUNet:
     return StyleUNet(n_channels=2, n_outputs=3, nbase=(8, 16, 32, 64)).eval()
 
 
-def test_registered_as_cellpose_unet():
-    assert get_registry().get("backbone", "cellpose-unet") is build_style_unet
+def test_registered_as_cellpose_unet_without_importing_torch():
+    """The registered factory builds the network (importing it then), and listing the
+    plugins imports no torch (a runtime backbone's warm cache relies on that)."""
+    import subprocess
+    import sys
+
+    factory = get_registry().get("backbone", "cellpose-unet")
+    net = factory(nbase=[8, 16], n_channels=2, n_outputs=3)
+    assert isinstance(net, StyleUNet)
+    assert factory.accepts_state_dict(net.state_dict())["nbase"] == [8, 16]
+    assert factory.accepts_state_dict({}) is None
+    code = ("import sys; from cellplug.plugins import get_registry; "
+            "get_registry().get('backbone', 'cellpose-unet'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-1000:]
 
 
 def test_output_shapes_and_unit_style(small_net):
