@@ -7,10 +7,10 @@ only ``forward`` changes, and only where no gradient is wanted: in training mode
 autograd on, the torch ``forward`` runs (this backbone is inference-only; it never trains
 through OpenVINO).
 
-Why OpenVINO: on this project's CPU (2 threads, AVX-512) its float32 convolutions run the
-Cellpose network 2.5-3.5x faster than torch float32 with the same numbers (max abs error
-~1e-4 on the raw output); ONNX Runtime is measured beside it in
-``benchmarks/bench_runtime.py``.
+Why OpenVINO: its float32 convolutions run the Cellpose network 3.3-3.7x faster than torch
+float32 on an AVX-512 Zen 4 and 1.6-1.8x faster than cellplug's channels-last torch path on
+an AVX2 Zen 3 (2 threads), with the same numbers (max abs error ~1e-4 on the raw output);
+ONNX Runtime is measured beside it in ``benchmarks/bench_runtime.py``.
 
 This is the path that exports: the first time a weights file is used (or after its cache
 entry went stale). It also records the weights file in the cache's index
