@@ -273,3 +273,35 @@ def test_a_warm_cache_segments_without_torch(segmenters, cache, data_dir, tmp_pa
     assert "TORCH True" in stdout and (got == want).mean() >= 0.999
     stdout, got = run(tmp_path / "rebuilt")  # the torch run rebuilt the entry
     assert "TORCH False" in stdout and (got == want).mean() >= 0.999
+
+
+def test_an_engine_shared_by_threads_gives_each_caller_its_own_output(tmp_path):
+    """Segmenter threads (--workers, block-wise dask threads) share one engine: concurrent
+    batches, run on the shared streams, must come back whole and to the right caller."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from cellplug.testing import build_backbone
+
+    net = build_backbone(_small_net(tmp_path))
+    with torch.inference_mode():
+        net(torch.zeros(1, 2, 32, 32))  # exports
+    engine = runtime.runner_of(net)._engine
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(5, 2, 48, 48)).astype(np.float32) for _ in range(6)]
+    want = [engine.run(b, "f32", 2)[0] for b in batches]
+    got: dict[int, np.ndarray] = {}
+
+    def call(i):
+        for _ in range(3):
+            got[i] = engine.run(batches[i], "f32", 2)[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got[i], w)

@@ -36,6 +36,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,10 @@ class Engine:
     per 224 px tile than one 2-thread request on the whole batch (0.252 s against 0.287 s
     here, AVX2), and an image's output does not depend on its batch. A single image (a
     whole-image pass, a last lone tile) runs as one request on all threads.
+
+    Calls are serialised (a lock): the requests and their queue are shared, and segmenter
+    threads (``--workers``, block-wise dask threads) may call one engine at once; each call
+    already uses every thread it was given.
     """
 
     def __init__(self, xml: Path, compiled_dir: Path) -> None:
@@ -204,6 +209,7 @@ class Engine:
         self.compiled_dir = Path(compiled_dir)
         self._compiled: dict[tuple[str, int, bool], Any] = {}
         self._queues: dict[tuple[str, int, bool], Any] = {}
+        self._lock = threading.Lock()
         self.compile_seconds = 0.0
 
     def compiled(self, precision: str, threads: int, streams: bool = False) -> Any:
@@ -225,11 +231,12 @@ class Engine:
     def run(self, x: np.ndarray, precision: str, threads: int) -> tuple[np.ndarray, ...]:
         """float32 (B, C, H, W) -> the model's outputs as float32 arrays."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[0] > 1 and threads > 1:
-            return self._run_streams(x, precision, threads)
-        compiled = self.compiled(precision, threads)
-        result = compiled(x)
-        return tuple(np.array(result[out], np.float32) for out in compiled.outputs)
+        with self._lock:
+            if x.shape[0] > 1 and threads > 1:
+                return self._run_streams(x, precision, threads)
+            compiled = self.compiled(precision, threads)
+            result = compiled(x)
+            return tuple(np.array(result[out], np.float32) for out in compiled.outputs)
 
     def _run_streams(self, x: np.ndarray, precision: str, threads: int) -> tuple[np.ndarray, ...]:
         key = (precision, int(threads), True)
