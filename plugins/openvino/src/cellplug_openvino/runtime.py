@@ -97,6 +97,7 @@ class Runner:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.key: str | None = None
         self._versions: tuple[int, ...] | None = None
+        self._hashed: tuple[tuple[int, ...], str] | None = None
         self._engine: Engine | None = None
         self.exporting = False
         # what the last preparation cost: the first run's compile time is reported by the
@@ -138,7 +139,7 @@ class Runner:
 
     def _load(self, net: torch.nn.Module, n_channels: int) -> None:
         """Find (or export) the model of ``net``'s current weights."""
-        self.key = weights_sha256(net, self.base)
+        self.key = self._key_of(net)
         folder = self.entry_dir()
         why = entry_problem(folder, self.key, self.base) if folder.exists() else "absent"
         if why is not None:
@@ -202,6 +203,14 @@ class Runner:
         )
         return "bf16" if autocast else "f32"
 
+    def _key_of(self, net: torch.nn.Module) -> str:
+        """The cache key of ``net``'s current weights; hashed once per weights version
+        (:meth:`remember` and the first pass both need it)."""
+        versions = self._param_versions(net)
+        if self._hashed is None or self._hashed[0] != versions:
+            self._hashed = (versions, weights_sha256(net, self.base))
+        return self._hashed[1]
+
     def engine_for(self, net: torch.nn.Module, n_channels: int) -> Engine:
         versions = self._param_versions(net)
         if self._engine is None or versions != self._versions:
@@ -226,7 +235,7 @@ class Runner:
         network.pop("base", None)
         nbase = getattr(net, "nbase", None)
         write_index(self.cache_dir, Path(weights), self.base, network, {
-            "weights_sha256": weights_sha256(net, self.base), "base": self.base,
+            "weights_sha256": self._key_of(net), "base": self.base,
             "facts": facts, "nbase": None if nbase is None else [int(n) for n in nbase]})
 
 
