@@ -54,7 +54,7 @@ from _common import (  # noqa: E402
     training_stems,
     validation_images,
 )
-from bench_segment import make_image  # noqa: E402
+from bench_segment import make_image, mosaic_stems  # noqa: E402
 
 MIN_AP = 0.98
 CONFIGS: dict[str, dict] = {
@@ -179,8 +179,6 @@ def calibration_folder(folder: Path, n: int = CALIBRATION_IMAGES, seed: int = 0,
     on."""
     import csv
     import shutil
-
-    from bench_segment import mosaic_stems
 
     root = data_root() / "dsb2018"
     with open(root / "metadata.csv", newline="") as fh:

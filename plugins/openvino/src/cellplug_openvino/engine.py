@@ -194,10 +194,10 @@ class Engine:
     """The compiled models of one exported model file.
 
     A batch of several images (Cellpose's tiles) runs one image per request on as many
-    single-thread OpenVINO *streams* as there are threads: on 2 cores that is 12 % faster
-    per 224 px tile than one 2-thread request on the whole batch (0.252 s against 0.287 s
-    here, AVX2), and an image's output does not depend on its batch. A single image (a
-    whole-image pass, a last lone tile) runs as one request on all threads.
+    single-thread OpenVINO *streams* as there are threads: on 2 cores that is about 6 %
+    faster per 224 px tile than one 2-thread request on the whole batch (median 0.263 s
+    against 0.280 s, AVX2 Zen 3), and an image's output does not depend on its batch. A
+    single image (a whole-image pass, a last lone tile) runs as one request on all threads.
 
     Calls are serialised (a lock): the requests and their queue are shared, and segmenter
     threads (``--workers``, block-wise dask threads) may call one engine at once; each call
