@@ -24,7 +24,8 @@ Two times per configuration and size:
 Also: peak RSS of each worker; OpenVINO's first run with an empty cache (export + compile
 seconds); masks against Cellpose's (AP@0.5); and, unless ``--no-val``, AP@0.5 on the
 generalist's validation split (``training/generalist/val_stems.txt``, no diameter given) of
-torch fp32 and OpenVINO fp32. Results: benchmarks/results/bench_runtime.{json,md}.
+torch fp32, OpenVINO fp32 (and int8, and where the CPU has bfloat16, OpenVINO bf16 and
+torch's bf16 autocast). Results: benchmarks/results/bench_runtime.{json,md}.
 
     python benchmarks/bench_runtime.py [--sizes 512 1024 2048] [--no-val] [--no-onnx]
 """
@@ -209,34 +210,40 @@ def cold_runs(image: Path, model: str, cache: Path, tmp: Path, onnx: bool,
     return out
 
 
-def validation_ap(model: str, limit: int | None, int8_options: dict | None = None) -> dict:
-    """AP@0.5 on the validation split (size model, no diameter), torch fp32 vs OpenVINO fp32
-    (and OpenVINO int8 with ``int8_options``)."""
+def validation_ap(model: str, limit: int | None, int8_options: dict | None = None,
+                  bf16: bool = False) -> dict:
+    """AP@0.5 on the validation split (size model, no diameter): torch fp32 and OpenVINO fp32,
+    OpenVINO int8 with ``int8_options``, and with ``bf16`` OpenVINO bf16 (and torch's bf16
+    autocast, cellplug's default on such a CPU)."""
     from cellplug.io import read_image, read_labels
     from cellplug.metrics import average_precision
     from cellplug.segmenter import Segmenter
 
     items = validation_images(limit)
     out = {}
-    runs = [("torch fp32", None, None), ("openvino fp32", "openvino", None)]
+    runs = [("torch fp32", None, None, "fp32"), ("openvino fp32", "openvino", None, "fp32")]
     if int8_options:
-        runs.append(("openvino int8", "openvino", int8_options))
-    for name, backbone, options in runs:
+        runs.append(("openvino int8", "openvino", int8_options, "fp32"))
+    if bf16:
+        runs += [("openvino bf16", "openvino", None, "bf16"), ("torch bf16", None, None, "bf16")]
+    for name, backbone, options, precision in runs:
         seg = Segmenter.from_model(model, backbone=backbone, backbone_options=options)
         aps, by = [], {}
         t0 = time.perf_counter()
         for img, lab, modality in items:
-            pred = seg.segment(read_image(img), diameter=0, precision="fp32").labels
+            pred = seg.segment(read_image(img), diameter=0, precision=precision).labels
             ap = float(average_precision(read_labels(lab), pred, [0.5])[0])
             aps.append(ap)
             by.setdefault(modality, []).append(ap)
         out[name] = {"n_images": len(aps), "mean_ap50": float(np.mean(aps)),
                      "by_modality": {k: float(np.mean(v)) for k, v in sorted(by.items())},
                      "seconds": round(time.perf_counter() - t0, 1), "per_image": aps}
-    out["difference"] = out["openvino fp32"]["mean_ap50"] - out["torch fp32"]["mean_ap50"]
+    # each configuration against torch float32, the issue's reference path
+    out["differences"] = {name: out[name]["mean_ap50"] - out["torch fp32"]["mean_ap50"]
+                          for name, *_ in runs[1:]}
+    out["difference"] = out["differences"]["openvino fp32"]
     if int8_options:
-        out["difference_int8"] = (out["openvino int8"]["mean_ap50"]
-                                  - out["torch fp32"]["mean_ap50"])
+        out["difference_int8"] = out["differences"]["openvino int8"]
     return out
 
 
@@ -317,7 +324,8 @@ def main() -> int:
                     r["ap50_vs_cellpose"] = float(average_precision(ref, masks, [0.5])[0])
         val = None if args.no_val else validation_ap(
             model, args.val_limit, {"precision": "int8", "calibration": str(
-                tmp / "calibration"), "cache_dir": str(cache)} if int8 else None)
+                tmp / "calibration"), "cache_dir": str(cache)} if int8 else None,
+            bf16=bf16_supported())
     for r in rows:
         base = next(b for b in rows if b["size"] == r["size"] and b["config"] == "cellpose")
         r["process_speedup"] = base["process_seconds"] / r["process_seconds"]
@@ -333,7 +341,7 @@ def main() -> int:
                      "openvino": openvino.__version__, "onnxruntime": _version("onnxruntime"),
                      "numpy": np.__version__, "python": platform.python_version()},
         "weights": model,
-        "settings": {"tiles": "224 px, 10 % overlap (Cellpose's mode)", "precision": "float32",
+        "settings": {"tiles": "224 px, 10 % overlap (Cellpose's mode)", "precision": "float32, except the bf16 rows",
                      "channels": [0, 0], "diameter": "model diam_mean (rescale 1)",
                      "flow_threshold": 0.4, "cellprob_threshold": 0.0,
                      "threads": "torch's default; OpenVINO without torch: the CPUs the process "
@@ -359,6 +367,10 @@ def _version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _rounded(by: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in by.items())
 
 
 def _markdown(doc: dict) -> str:
@@ -402,17 +414,18 @@ def _markdown(doc: dict) -> str:
             f"{r['peak_rss_mb']:.0f} |")
     val = doc.get("validation")
     if val:
-        lines += ["", "## Validation split (AP@0.5, no diameter given, float32)", ""]
-        for name in ("torch fp32", "openvino fp32", "openvino int8"):
+        lines += ["", "## Validation split (AP@0.5, no diameter given)", ""]
+        diffs = val.get("differences") or {"openvino fp32": val["difference"],
+                                           **({"openvino int8": val["difference_int8"]}
+                                              if "difference_int8" in val else {})}
+        for name in ("torch fp32", "openvino fp32", "openvino int8", "openvino bf16",
+                     "torch bf16"):
             if name not in val:
                 continue
             v = val[name]
-            lines.append(f"- {name}: {v['mean_ap50']:.4f} over {v['n_images']} images "
-                         f"({v['by_modality']}), {v['seconds']} s")
-        lines.append(f"- difference (OpenVINO - torch): {val['difference']:+.4f}")
-        if "difference_int8" in val:
-            lines.append(f"- difference (OpenVINO int8 - torch fp32): "
-                         f"{val['difference_int8']:+.4f}")
+            diff = f", {diffs[name]:+.4f} vs torch fp32" if name in diffs else ""
+            lines.append(f"- {name}: {v['mean_ap50']:.4f} over {v['n_images']} images"
+                         f"{diff} ({_rounded(v['by_modality'])}), {v['seconds']} s")
     return "\n".join(lines) + "\n"
 
 
