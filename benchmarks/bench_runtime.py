@@ -341,7 +341,8 @@ def main() -> int:
                      "openvino": openvino.__version__, "onnxruntime": _version("onnxruntime"),
                      "numpy": np.__version__, "python": platform.python_version()},
         "weights": model,
-        "settings": {"tiles": "224 px, 10 % overlap (Cellpose's mode)", "precision": "float32, except the bf16 rows",
+        "settings": {"tiles": "224 px, 10 % overlap (Cellpose's mode)",
+                     "precision": "float32, except the bf16 rows",
                      "channels": [0, 0], "diameter": "model diam_mean (rescale 1)",
                      "flow_threshold": 0.4, "cellprob_threshold": 0.0,
                      "threads": "torch's default; OpenVINO without torch: the CPUs the process "
