@@ -6,8 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from .heat import masks_to_flows
-
 FLOW_SCALE = 5.0  # the network predicts flows times 5 (Cellpose convention)
 
 
@@ -25,6 +23,8 @@ class CellposeFlows:
 
     def targets(self, labels: np.ndarray) -> np.ndarray:
         """Training targets (3, H, W) float32 from labels (H, W) int, 0 = background."""
+        from .heat import masks_to_flows  # numba: imported when training needs it
+
         flows = masks_to_flows(np.asarray(labels))
         return np.concatenate([(np.asarray(labels) > 0)[None].astype(np.float32), flows])
 

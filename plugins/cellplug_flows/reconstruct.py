@@ -560,3 +560,20 @@ def flows_to_masks(
             labels[np.isin(labels, bad)] = 0
     labels = fill_holes_and_remove_small(labels, min_size=min_size)
     return labels.astype(np.uint32)
+
+
+def warm_up() -> None:
+    """Run :func:`flows_to_masks` on a small synthetic field (two objects, 40 x 40), with and
+    without interpolation (the size model's pass), so that numba's compiled code (from its
+    on-disk cache) and its lowering registries are loaded. The segmenter calls it in a
+    background thread while the network runs, off the first image's critical path.
+    """
+    labels = np.zeros((40, 40), np.int32)
+    labels[4:16, 4:16] = 1
+    labels[20:36, 18:34] = 2
+    flows = np.asarray(masks_to_flows(labels), np.float32)
+    cellprob = np.where(labels > 0, 4.0, -4.0).astype(np.float32)
+    for interp in (True, False):  # the argument types the segmenter passes
+        flows_to_masks(flows, cellprob, niter=200, cellprob_threshold=0.0, flow_threshold=0.4,
+                       min_size=15, max_size_fraction=0.4, interp=interp)
+

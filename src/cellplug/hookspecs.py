@@ -125,6 +125,12 @@ def register_mask_reconstructors(register: Register) -> None:
       use. ``interp=False`` is passed by the size model's second pass: Cellpose steps there
       with the flow of the pixel a position lies in instead of interpolating it;
     - ``labels``: uint32 (H, W), 0 = background, objects numbered 1..N.
+
+    Optional: ``reconstruct.warm_up()``, with no arguments, prepares what the first call
+    would otherwise pay for (the bundled one imports numba and loads its compiled code, about
+    half a second). The segmenter runs it once, in a background thread, while its first
+    network pass runs, and waits for it before the first reconstruction; an exception there
+    is ignored.
     """
 
 

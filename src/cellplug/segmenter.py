@@ -9,6 +9,7 @@ and runs the steps in order, each a plain function:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -136,6 +137,8 @@ class Segmenter:
         self.decoder = decoder
         self.reconstructor = reconstructor
         self.threads = threads
+        self._warm_up: threading.Thread | None = None  # see start_warm_up
+        self._warm_up_lock = threading.Lock()  # block-wise runs share one segmenter
         # the plugins by name, as recorded in summary.json (from_info sets the reconstructor's)
         self.plugin_names: dict[str, Any] = {
             "backbone": model.backbone,
@@ -194,6 +197,33 @@ class Segmenter:
         seg.plugin_names["reconstructor"] = recon_name
         return seg
 
+    # -- warm-up -------------------------------------------------------------------------
+    def start_warm_up(self) -> None:
+        """Once per segmenter: run the reconstructor's optional ``warm_up()`` (e.g. loading
+        JIT-compiled code) in a background thread, so that it overlaps the network pass
+        instead of delaying the first image's masks. :meth:`reconstruct` waits for it, so the
+        reconstructor is never called from two threads at once. A warm-up that fails is
+        ignored: the real call reports the problem."""
+        warm = getattr(self.reconstructor, "warm_up", None)
+        if not callable(warm):
+            return
+
+        def run() -> None:
+            try:
+                warm()
+            except Exception:  # noqa: BLE001 - the real call raises it where it belongs
+                pass
+
+        with self._warm_up_lock:
+            if self._warm_up is None:
+                self._warm_up = threading.Thread(target=run, name="cellplug-warm-up",
+                                                 daemon=True)
+                self._warm_up.start()
+
+    def finish_warm_up(self) -> None:
+        if self._warm_up is not None:
+            self._warm_up.join()
+
     # -- steps ---------------------------------------------------------------------------
     def prepare(self, image: np.ndarray, opts: SegmentOptions) -> np.ndarray:
         """(Y, X[, C]) any real dtype -> float32 (C, Y, X) normalised input at the original size.
@@ -222,6 +252,7 @@ class Segmenter:
         if opts.tile == "grid":
             return self.network_window(lambda ys, xs: prepared[:, ys, xs], shape, rescale,
                                        (0, shape[0], 0, shape[1]), opts, resample)
+        self.start_warm_up()
         x = prepared
         if rescale != 1.0:
             x = transforms.resize(prepared, transforms.rescaled_shape(shape, rescale),
@@ -255,6 +286,7 @@ class Segmenter:
 
         if opts.augment:
             raise CellplugError("tile 'grid' does not combine with test-time augmentation")
+        self.start_warm_up()
         with _threads(self.threads, self.net):
             return network_window(self.net, read, shape, rescale, box, bsize=opts.bsize,
                                   tile_overlap=opts.tile_overlap, batch_size=opts.batch_size,
@@ -311,6 +343,7 @@ class Segmenter:
         ``shape`` and ``opts.min_size`` applies at that size, as Cellpose does.
         """
         resize = shape is not None and tuple(shape) != cellprob.shape
+        self.finish_warm_up()
         labels = self.reconstructor(
             flows,
             cellprob,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import tifffile
@@ -406,3 +409,43 @@ def test_remask_reruns_only_the_reconstruction_and_matches_segment(segmenter, fl
     np.testing.assert_array_equal(same.labels, first.labels)
     with pytest.raises(TypeError, match="unknown segmentation option"):
         segmenter.remask(first, threshold=2)
+
+
+def test_a_reconstructors_warm_up_runs_once_in_the_background_before_its_first_call(
+        segmenter, fluo):
+    events: list[tuple[str, str]] = []
+    started = threading.Event()
+
+    def recon(flows, cellprob, **params):
+        events.append(("call", threading.current_thread().name))
+        return np.zeros(cellprob.shape, np.uint32)
+
+    def warm_up():
+        started.set()
+        time.sleep(0.3)  # longer than the tiny network pass: the call must wait for it
+        events.append(("warm_up", threading.current_thread().name))
+
+    recon.warm_up = warm_up
+    seg = Segmenter(segmenter.model, segmenter.net, segmenter.decoder, recon)
+    seg.segment(fluo, diameter=17.0)
+    assert started.is_set()
+    seg.segment(fluo, diameter=17.0)
+    main = threading.current_thread().name
+    assert events == [("warm_up", "cellplug-warm-up"), ("call", main), ("call", main)]
+
+
+def test_a_failing_warm_up_is_ignored(segmenter, fluo, monkeypatch):
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+
+    def warm_up():
+        raise RuntimeError("no JIT here")
+
+    def recon(flows, cellprob, **params):
+        return segmenter.reconstructor(flows, cellprob, **params)
+
+    recon.warm_up = warm_up
+    seg = Segmenter(segmenter.model, segmenter.net, segmenter.decoder, recon)
+    np.testing.assert_array_equal(seg.segment(fluo, diameter=17.0).labels,
+                                  segmenter.segment(fluo, diameter=17.0).labels)
+    assert not escaped  # nothing printed from the thread either

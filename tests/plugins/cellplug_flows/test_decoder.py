@@ -21,7 +21,15 @@ def decoder() -> CellposeFlows:
 def test_registered_under_its_names(decoder):
     reg = get_registry()
     assert isinstance(reg.get("decoder", "cellpose-flows"), CellposeFlows)
-    assert reg.get("reconstructor", "cellpose-dynamics") is flows_to_masks
+    recon = reg.get("reconstructor", "cellpose-dynamics")
+    # a numba-free stand-in that imports the reconstructor on first use (or warm-up)
+    assert recon.__module__ == "cellplug_flows.plugin" and callable(recon.warm_up)
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:18, 5:18], labels[20:35, 22:38] = 3, 7
+    flows = masks_to_flows(labels)
+    cellprob = np.where(labels > 0, 4.0, -4.0).astype(np.float32)
+    np.testing.assert_array_equal(recon(flows, cellprob, min_size=5),
+                                  flows_to_masks(flows, cellprob, min_size=5))
 
 
 def test_targets_are_foreground_and_unit_flows(decoder, fluo_pair):

@@ -353,3 +353,63 @@ def test_remove_small_renumbers_even_when_nothing_is_removed():
     out = remove_small(labels, 1)
     assert out[0, 0] == 1 and out[3, 3] == 2 and out.sum() == 3
     assert remove_small(labels, 0) is labels
+
+
+WARM_UP_CHECK = """
+import sys, numpy as np, tifffile
+from numba.core.registry import CPUDispatcher
+from cellplug_flows import dynamics, heat, reconstruct
+from cellplug.segmenter import Segmenter
+
+def signatures():
+    return {(m.__name__, name): list(f.signatures) for m in (dynamics, heat, reconstruct)
+            for name, f in vars(m).items() if isinstance(f, CPUDispatcher)}
+
+reconstruct.warm_up()
+warm = signatures()
+seg = Segmenter.from_model(None)
+seg.start_warm_up = lambda: None  # the warm-up above is the only one
+image = tifffile.imread(sys.argv[1])
+seg.segment(image)                  # size model: its pass without interpolation, then masks
+seg.segment(image, diameter=30.0)   # rescaled: labels resized back
+new = {k: v[len(warm.get(k, [])):] for k, v in signatures().items() if v != warm.get(k, [])}
+assert not new, f"compiled after the warm-up: {new}"
+assert sum(map(len, warm.values())) > 10
+"""
+
+
+def test_warm_up_loads_every_signature_the_segmenter_uses(data_dir):
+    """In a fresh process: after ``reconstruct.warm_up()`` no numba function of the
+    flow engine gets a new signature while the segmenter segments (size model, rescaled
+    and plain passes), so the warm-up loads what the first image needs."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", WARM_UP_CHECK,
+                           str(data_dir / "dsb2018_fluo.tif")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_registering_the_plugin_imports_no_numba_and_its_warm_up_does():
+    """Registration stays light (numba's import is ~0.25 s of every process); the registered
+    reconstructor's ``warm_up`` imports it, and the reconstructor is the documented one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cellplug.plugins import get_registry\n"
+        "recon = get_registry().get('reconstructor', 'cellpose-dynamics')\n"
+        "get_registry().get('decoder', 'cellpose-flows')\n"
+        "assert 'numba' not in sys.modules, 'numba imported at registration'\n"
+        "recon.warm_up()\n"
+        "assert 'numba' in sys.modules\n"
+        "import numpy as np\n"
+        "from cellplug_flows.heat import masks_to_flows\n"
+        "lab = np.zeros((30, 30), np.int32); lab[5:15, 5:15] = 1\n"
+        "flows = masks_to_flows(lab)\n"
+        "out = recon(flows, np.where(lab > 0, 4.0, -4.0).astype(np.float32))\n"
+        "assert out.dtype == np.uint32 and out.max() == 1\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
