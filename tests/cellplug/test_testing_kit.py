@@ -53,6 +53,17 @@ def half_labels(flows, cellprob, **params):
     return (cellprob > 0).astype("float32")  # floats, not integer labels
 
 
+def no_cold_start(flows, cellprob, **params):
+    return (cellprob > 0).astype("uint32")
+
+
+def _needs_an_argument(path):
+    raise AssertionError("never called")
+
+
+no_cold_start.warm_up = _needs_an_argument  # the contract's warm_up() takes no arguments
+
+
 class Broken:
     @hookimpl
     def register_backbones(self, register):
@@ -61,6 +72,7 @@ class Broken:
     @hookimpl
     def register_mask_reconstructors(self, register):
         register("floats", half_labels)
+        register("bad-warm-up", no_cold_start)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +90,12 @@ def test_a_broken_backbone_fails_with_the_reason(registry):
 
 
 def test_a_broken_reconstructor_fails_with_the_reason(registry):
-    (name, error), = run_checks("reconstructor", "floats", registry=registry)
-    assert "expected integers" in error
+    results = dict(run_checks("reconstructor", "floats", registry=registry))
+    assert "expected integers" in results["check_reconstructor"]
+    assert results["check_reconstructor_warm_up"] is None  # it has none: nothing to check
+    results = dict(run_checks("reconstructor", "bad-warm-up", registry=registry))
+    assert results["check_reconstructor"] is None
+    assert "warm_up() failed: TypeError" in results["check_reconstructor_warm_up"]
 
 
 def test_unknown_plugin_and_bad_environment():

@@ -40,6 +40,7 @@ import inspect
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,6 +367,35 @@ def check_reconstructor(subject: Subject) -> None:
     assert nothing.shape == ODD_SHAPE and not nothing.any(), "objects from negative cellprob"
 
 
+def check_reconstructor_warm_up(subject: Subject) -> None:
+    """The optional ``warm_up()`` (see ``register_mask_reconstructors``): callable with no
+    arguments from another thread (the segmenter runs it in one), without an error, and the
+    labels afterwards are the same. A reconstructor without it passes."""
+    recon = subject.obj()
+    warm = getattr(recon, "warm_up", None)
+    if warm is None:
+        return
+    assert callable(warm), "warm_up is not callable"
+    flows, cellprob = _flows_of(disk_labels(), subject)
+    params = {"niter": 200, "cellprob_threshold": 0.0, "flow_threshold": 0.4, "min_size": 15,
+              **subject.options}
+    before = np.asarray(recon(flows, cellprob, **params))
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            warm()
+        except BaseException as exc:  # noqa: BLE001 - reported below, in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not failure, f"warm_up() failed: {type(failure[0]).__name__}: {failure[0]}"
+    np.testing.assert_array_equal(np.asarray(recon(flows, cellprob, **params)), before,
+                                  err_msg="labels changed after warm_up()")
+
+
 # -- running ------------------------------------------------------------------------------------
 CHECKS: dict[str, list[Callable[[Subject], None]]] = {
     "backbone": [check_backbone_forward, check_backbone_batch_independent,
@@ -373,7 +403,7 @@ CHECKS: dict[str, list[Callable[[Subject], None]]] = {
                  check_backbone_with_default_plugins, check_backbone_trains_and_reloads,
                  check_backbone_matches_base, check_backbone_loads_cached],
     "decoder": [check_decoder],
-    "reconstructor": [check_reconstructor],
+    "reconstructor": [check_reconstructor, check_reconstructor_warm_up],
 }
 
 
