@@ -221,6 +221,7 @@ class Segmenter:
                 self._warm_up.start()
 
     def finish_warm_up(self) -> None:
+        """Wait for the warm-up started by :meth:`start_warm_up`, if any."""
         if self._warm_up is not None:
             self._warm_up.join()
 
