@@ -2,7 +2,8 @@
 
 Names are imported on first use: registering the plugin (``cellplug_flows.plugin``) does not
 import numba, whose import and first load take about half a second; the segmenter loads it
-in the background while the network runs (``flows_to_masks.warm_up``).
+in the background while the network runs (the registered reconstructor's ``warm_up``,
+:func:`cellplug_flows.reconstruct.warm_up`).
 """
 
 from __future__ import annotations

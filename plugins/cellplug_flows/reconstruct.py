@@ -576,4 +576,3 @@ def warm_up() -> None:
     for interp in (True, False):  # the argument types the segmenter passes
         flows_to_masks(flows, cellprob, niter=200, cellprob_threshold=0.0, flow_threshold=0.4,
                        min_size=15, max_size_fraction=0.4, interp=interp)
-

@@ -414,21 +414,18 @@ def test_remask_reruns_only_the_reconstruction_and_matches_segment(segmenter, fl
 def test_a_reconstructors_warm_up_runs_once_in_the_background_before_its_first_call(
         segmenter, fluo):
     events: list[tuple[str, str]] = []
-    started = threading.Event()
 
     def recon(flows, cellprob, **params):
         events.append(("call", threading.current_thread().name))
         return np.zeros(cellprob.shape, np.uint32)
 
     def warm_up():
-        started.set()
         time.sleep(0.3)  # longer than the tiny network pass: the call must wait for it
         events.append(("warm_up", threading.current_thread().name))
 
     recon.warm_up = warm_up
     seg = Segmenter(segmenter.model, segmenter.net, segmenter.decoder, recon)
     seg.segment(fluo, diameter=17.0)
-    assert started.is_set()
     seg.segment(fluo, diameter=17.0)
     main = threading.current_thread().name
     assert events == [("warm_up", "cellplug-warm-up"), ("call", main), ("call", main)]

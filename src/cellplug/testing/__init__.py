@@ -345,14 +345,18 @@ def _flows_of(labels: np.ndarray, subject: Subject) -> tuple[np.ndarray, np.ndar
     return np.ascontiguousarray(t[1:3], np.float32), cellprob
 
 
+def _reconstructor_params(subject: Subject) -> dict[str, Any]:
+    return {"niter": 200, "cellprob_threshold": 0.0, "flow_threshold": 0.4, "min_size": 15,
+            **subject.options}
+
+
 def check_reconstructor(subject: Subject) -> None:
     """Labels (H, W) integer, 1..N, background 0, deterministic; extra parameters accepted;
     nothing found where cellprob is negative everywhere."""
     recon = subject.obj()
     labels = disk_labels()
     flows, cellprob = _flows_of(labels, subject)
-    params = {"niter": 200, "cellprob_threshold": 0.0, "flow_threshold": 0.4, "min_size": 15,
-              **subject.options}
+    params = _reconstructor_params(subject)
     out = np.asarray(recon(flows, cellprob, **params, unknown_parameter=1))
     assert out.shape == ODD_SHAPE, f"labels {out.shape}, expected {ODD_SHAPE}"
     assert np.issubdtype(out.dtype, np.integer), f"labels are {out.dtype}, expected integers"
@@ -377,8 +381,7 @@ def check_reconstructor_warm_up(subject: Subject) -> None:
         return
     assert callable(warm), "warm_up is not callable"
     flows, cellprob = _flows_of(disk_labels(), subject)
-    params = {"niter": 200, "cellprob_threshold": 0.0, "flow_threshold": 0.4, "min_size": 15,
-              **subject.options}
+    params = _reconstructor_params(subject)
     before = np.asarray(recon(flows, cellprob, **params))
     failure: list[BaseException] = []
 
