@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("openvino", reason="cellplug-openvino needs openvino (nox -s tests has it)")
 runtime = pytest.importorskip("cellplug_openvino.runtime")
+engine_module = pytest.importorskip("cellplug_openvino.engine")
 
 from cellplug.cli import main  # noqa: E402
 from cellplug.plugins import set_registry  # noqa: E402
@@ -305,3 +306,37 @@ def test_an_engine_shared_by_threads_gives_each_caller_its_own_output(tmp_path):
         t.join()
     for i, w in enumerate(want):
         np.testing.assert_array_equal(got[i], w)
+
+
+def test_a_request_that_never_reports_fails_the_batch(tmp_path, monkeypatch):
+    """A batch runs one image per asynchronous request; if one request's result never
+    arrives the batch must fail, not come back shorter (its tiles would be blended into the
+    wrong places)."""
+    import numpy as np
+    import torch
+
+    from cellplug.testing import build_backbone
+
+    net = build_backbone(_small_net(tmp_path))
+    with torch.inference_mode():
+        net(torch.zeros(1, 2, 32, 32))  # exports
+    engine = runtime.runner_of(net)._engine
+    real = engine_module.ov().AsyncInferQueue
+
+    class LosesOne:
+        def __init__(self, compiled, n):
+            self.queue = real(compiled, n)
+
+        def set_callback(self, callback):
+            self.queue.set_callback(lambda request, i: None if i == 2 else callback(request, i))
+
+        def start_async(self, inputs, userdata):
+            self.queue.start_async(inputs, userdata=userdata)
+
+        def wait_all(self):
+            self.queue.wait_all()
+
+    monkeypatch.setattr(engine_module.ov(), "AsyncInferQueue", LosesOne)
+    x = np.random.default_rng(0).normal(size=(4, 2, 32, 32)).astype(np.float32)
+    with pytest.raises(RuntimeError, match=r"no output for image\(s\) \[2\] of a batch of 4"):
+        engine.run(x, "f32", 2)

@@ -254,8 +254,11 @@ class Engine:
         for i in range(x.shape[0]):
             queue.start_async({0: x[i : i + 1]}, userdata=i)
         queue.wait_all()
-        return tuple(np.concatenate([r[k] for r in results if r is not None])
-                     for k in range(len(compiled.outputs)))
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:  # a shorter batch would put the other tiles' outputs in the wrong places
+            raise RuntimeError(f"OpenVINO returned no output for image(s) {missing} of a "
+                               f"batch of {x.shape[0]}")
+        return tuple(np.concatenate([r[k] for r in results]) for k in range(len(compiled.outputs)))
 
 
 def engine_precision(option: str, requested: str) -> str:
