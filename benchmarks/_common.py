@@ -42,6 +42,13 @@ def training_stems(dataset: str) -> list[str]:
     return [s for s in stems if s not in val]
 
 
+def metadata_rows(folder: Path) -> list[dict[str, str]]:
+    """The rows of ``folder/metadata.csv`` (a shared dataset's: ``stem``, ``modality``,
+    ``height``, ``width``, ``channels``, ...), in file order."""
+    with open(Path(folder) / "metadata.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def validation_images(limit: int | None = None) -> list[tuple[Path, Path, str]]:
     """(image, labels, modality) of the generalist's validation split, in metadata order.
 
@@ -51,16 +58,15 @@ def validation_images(limit: int | None = None) -> list[tuple[Path, Path, str]]:
     stems = validation_stems()
     out = []
     for folder in ("dsb2018", "usiigaci_phc"):
-        with open(data / folder / "metadata.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row["stem"] in stems:
-                    out.append(
-                        (
-                            data / folder / f"{row['stem']}.tif",
-                            data / folder / f"{row['stem']}_masks.tif",
-                            row["modality"],
-                        )
+        for row in metadata_rows(data / folder):
+            if row["stem"] in stems:
+                out.append(
+                    (
+                        data / folder / f"{row['stem']}.tif",
+                        data / folder / f"{row['stem']}_masks.tif",
+                        row["modality"],
                     )
+                )
     if limit:
         by: dict[str, list] = {}
         for item in out:

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     RESULTS,
     data_root,
     machine,
+    metadata_rows,
     training_stems,
     validation_images,
 )
@@ -178,12 +179,10 @@ def calibration_folder(folder: Path, n: int = CALIBRATION_IMAGES, seed: int = 0,
     """``n`` dsb2018 training images (never the validation split, never an image of the
     benchmark's mosaics), of ``modality`` or all: what the int8 configuration is calibrated
     on."""
-    import csv
     import shutil
 
     root = data_root() / "dsb2018"
-    with open(root / "metadata.csv", newline="") as fh:
-        kind = {r["stem"]: r["modality"] for r in csv.DictReader(fh)}
+    kind = {r["stem"]: r["modality"] for r in metadata_rows(root)}
     mosaic = set(mosaic_stems(data_root(), 16))  # every crop of the 2048² mosaic
     pool = [s for s in training_stems("dsb2018") if s not in mosaic
             and (modality is None or kind.get(s) == modality)]
@@ -241,9 +240,6 @@ def validation_ap(model: str, limit: int | None, int8_options: dict | None = Non
     # each configuration against torch float32, the issue's reference path
     out["differences"] = {name: out[name]["mean_ap50"] - out["torch fp32"]["mean_ap50"]
                           for name, *_ in runs[1:]}
-    out["difference"] = out["differences"]["openvino fp32"]
-    if int8_options:
-        out["difference_int8"] = out["differences"]["openvino int8"]
     return out
 
 
@@ -416,6 +412,7 @@ def _markdown(doc: dict) -> str:
     val = doc.get("validation")
     if val:
         lines += ["", "## Validation split (AP@0.5, no diameter given)", ""]
+        # results written before "differences" have one key per difference instead
         diffs = val.get("differences") or {"openvino fp32": val["difference"],
                                            **({"openvino int8": val["difference_int8"]}
                                               if "difference_int8" in val else {})}

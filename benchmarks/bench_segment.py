@@ -38,7 +38,6 @@ in the same run are what this benchmark is for.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
@@ -53,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, data_root, machine  # noqa: E402
+from _common import RESULTS, data_root, machine, metadata_rows  # noqa: E402
 
 # cellplug sets OMP_WAIT_POLICY on import; workers get the environment the user started with
 _USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
@@ -80,11 +79,9 @@ LEVERS = {
 
 def mosaic_stems(folder: Path, n: int = 16) -> list[str]:
     """The ``n`` 520 x 696 fluorescence images of dsb2018 with the most objects (ties: stem)."""
-    with open(folder / "dsb2018" / "metadata.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
     rows = [
         r
-        for r in rows
+        for r in metadata_rows(folder / "dsb2018")
         if (r["height"], r["width"], r["channels"]) == ("520", "696", "1")
         and r["modality"] == "fluorescence"
     ]

@@ -41,7 +41,6 @@ pass).
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 import time
@@ -50,7 +49,15 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, data_root, machine, synthetic_cells, versions, write_json
+from _common import (
+    RESULTS,
+    data_root,
+    machine,
+    metadata_rows,
+    synthetic_cells,
+    versions,
+    write_json,
+)
 
 THRESHOLDS = {"cosine": 0.99, "roundtrip": 0.99, "vs_cellpose": 0.98, "vs_cellpose_noisy": 0.98}
 DSB_PER_MODALITY = 10
@@ -74,9 +81,8 @@ def evenly_spaced(items: list, k: int) -> list:
 def dsb_subset(root: Path) -> list[tuple[str, str]]:
     """[(stem, modality)] of the fixed dsb2018 subset (see the module docstring)."""
     by_mod: dict[str, list[str]] = {}
-    with open(root / "metadata.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            by_mod.setdefault(row["modality"], []).append(row["stem"])
+    for row in metadata_rows(root):
+        by_mod.setdefault(row["modality"], []).append(row["stem"])
     out = []
     for mod in sorted(by_mod):
         out += [(s, mod) for s in evenly_spaced(sorted(by_mod[mod]), DSB_PER_MODALITY)]

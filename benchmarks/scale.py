@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, data_root, machine, versions, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    data_root,
+    machine,
+    metadata_rows,
+    versions,
+    write_json,
+)
 
 RUNS = REPO / "runs" / "scale"
 SLOT = 1024
@@ -38,8 +46,7 @@ SLOT = 1024
 # -- inputs ----------------------------------------------------------------------------------
 def usiigaci_paths() -> list[Path]:
     folder = data_root() / "usiigaci_phc"
-    with open(folder / "metadata.csv", newline="") as fh:
-        return [folder / f"{r['stem']}.tif" for r in csv.DictReader(fh)]
+    return [folder / f"{r['stem']}.tif" for r in metadata_rows(folder)]
 
 
 def mosaic_zarr(path: Path, size: int, seed: int = 0) -> Path:
@@ -79,9 +86,8 @@ def fluo_folder(folder: Path, n: int, seed: int = 0) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     src = data_root() / "dsb2018"
-    with open(src / "metadata.csv", newline="") as fh:
-        stems = [r["stem"] for r in csv.DictReader(fh) if r["modality"] == "fluorescence"
-                 and r["height"] == "256" and r["width"] == "256" and r["channels"] == "1"]
+    stems = [r["stem"] for r in metadata_rows(src) if r["modality"] == "fluorescence"
+             and r["height"] == "256" and r["width"] == "256" and r["channels"] == "1"]
     rng = np.random.default_rng(seed)
     for k in range(n):
         tiles = []
