@@ -81,8 +81,10 @@ def register_backbones(register: Register) -> None:
     - An *array module* (``module.takes_arrays = True``) is called as ``module(x,
       precision)`` with ``x`` a float32 numpy array (B, C, H, W) and ``precision``
       ``"fp32"`` or ``"bf16"``, and returns numpy ``(raw, style)`` as above; the core then
-      never imports torch for it. It may carry ``nbase`` (its feature widths) and gets a
-      ``threads`` attribute from the segmenter.
+      never imports torch for it. It may carry ``nbase`` (its feature widths) and
+      ``batch_size`` (the images it wants per call, when that is more than the segmenter's
+      batch size: an engine that waits for all its streams at the end of each call loses
+      less in bigger calls), and gets a ``threads`` attribute from the segmenter.
 
     The kit :mod:`cellplug.testing` checks these contracts for a plugin's backbone.
     """

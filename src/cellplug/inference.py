@@ -164,7 +164,8 @@ def forward_batches(
     ``precision="bf16"`` under bfloat16 autocast. An *array backbone* (``net.takes_arrays``
     true, e.g. ``cellplug-openvino`` loaded from its cache) is called as ``net(x,
     precision)`` with float32 numpy arrays and returns numpy ``(raw, style)``; torch is not
-    imported for it. Returns raw float32 (N, K, H, W) and styles float32 (N, S).
+    imported for it, and its own ``batch_size`` attribute, when larger, sets the chunks.
+    Returns raw float32 (N, K, H, W) and styles float32 (N, S).
     """
     if getattr(net, "takes_arrays", False):
         return _forward_arrays(net, batch, batch_size, precision)
@@ -188,6 +189,9 @@ def forward_batches(
 def _forward_arrays(
     net: Any, batch: np.ndarray, batch_size: int, precision: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    # an engine that spreads a batch over its own streams waits for its slowest stream at the
+    # end of every call: it may ask for bigger chunks (fewer waits) with ``batch_size``
+    batch_size = max(batch_size, int(getattr(net, "batch_size", 0) or 0))
     raws, styles = [], []
     for start in range(0, batch.shape[0], batch_size):
         x = np.ascontiguousarray(batch[start : start + batch_size], dtype=np.float32)

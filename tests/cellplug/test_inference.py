@@ -201,6 +201,29 @@ def test_forward_batches_runs_every_image_once_in_chunks():
     np.testing.assert_allclose(styles[:, 0], batch[:, 0].mean(axis=(1, 2)) + 1)
 
 
+def test_an_array_backbone_may_ask_for_bigger_chunks():
+    """An array module's own ``batch_size`` raises the chunk size (an engine with several
+    streams waits for all of them at the end of each call); it never lowers it."""
+
+    class ArrayEcho:
+        takes_arrays = True
+
+        def __init__(self, batch_size):
+            self.batch_size, self.calls = batch_size, []
+
+        def __call__(self, x, precision):
+            self.calls.append(x.shape[0])
+            return x[:, :1] * 2, np.ones((x.shape[0], 3), np.float32) / np.sqrt(3)
+
+    batch = np.arange(11 * 2 * 4 * 4, dtype=np.float32).reshape(11, 2, 4, 4)
+    for own, chunks in ((4, [4, 4, 3]), (1, [2, 2, 2, 2, 2, 1]), (None, [2] * 5 + [1])):
+        net = ArrayEcho(own)
+        raw, styles = inference.forward_batches(net, batch, batch_size=2)
+        assert net.calls == chunks
+        np.testing.assert_array_equal(raw[:, 0], 2 * batch[:, 0])
+        assert styles.shape == (11, 3)
+
+
 def test_forward_batches_bf16_autocasts_and_renormalises_each_style():
     calls = []
 
