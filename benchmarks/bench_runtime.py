@@ -290,9 +290,10 @@ def main() -> int:
         print(f"bench_runtime: skipped, no dsb2018 data under {data_root()}")
         return 0
     try:
-        import cellplug_openvino  # noqa: F401
         import cellpose
-        import openvino
+        from cellplug_openvino.telemetry import import_openvino
+
+        openvino = import_openvino()  # as the plugin does: no usage telemetry
     except ImportError as exc:
         print(f"bench_runtime: skipped ({exc}); needs Cellpose 3.1.1.2 and cellplug-openvino")
         return 0

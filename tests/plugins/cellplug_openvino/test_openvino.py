@@ -340,3 +340,42 @@ def test_a_request_that_never_reports_fails_the_batch(tmp_path, monkeypatch):
     x = np.random.default_rng(0).normal(size=(4, 2, 32, 32)).astype(np.float32)
     with pytest.raises(RuntimeError, match=r"no output for image\(s\) \[2\] of a batch of 4"):
         engine.run(x, "f32", 2)
+
+
+def test_export_and_quantisation_send_no_telemetry(tmp_path, data_dir):
+    """OpenVINO's converter and NNCF send usage telemetry by default (a forked process
+    posting to Google Analytics) and write a client id under ~/intel: a fresh process with
+    its own home exports and quantises, and neither forks nor writes there; the telemetry
+    package works again after the block."""
+    pytest.importorskip("nncf", reason="int8 needs cellplug-openvino[int8] (nncf)")
+    import os
+    import subprocess
+    import sys
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    shutil.copy(data_dir / "usiigaci_phc.tif", calib / "a.tif")
+    home = tmp_path / "home"
+    home.mkdir()
+    script = (
+        "import os, sys, torch\n"
+        "forks = []\n"
+        "os.register_at_fork(before=lambda: forks.append(1))\n"
+        "from cellplug.testing import Subject, build_backbone\n"
+        "options = {'base': 'example-tiny', 'cache_dir': sys.argv[1], 'precision': 'int8',\n"
+        "           'calibration': sys.argv[2]}\n"
+        "net = build_backbone(Subject('backbone', 'openvino', options))\n"
+        "with torch.inference_mode():\n"
+        "    net(torch.rand(1, 2, 64, 64))\n"
+        "import openvino_telemetry, nncf\n"
+        "print('FORKS', len(forks), 'RESTORED', hasattr(openvino_telemetry, 'Telemetry'))\n"
+    )
+    env = {k: v for k, v in os.environ.items()  # as on a user's machine: not a CI job
+           if k not in ("CI", "TF_BUILD", "JENKINS_URL", "NNCF_CI", "NNCF_DEV")}
+    env["HOME"] = str(home)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache"), str(calib)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FORKS 0 RESTORED True" in proc.stdout
+    assert list(home.iterdir()) == []  # no ~/intel/openvino_ga_cid, no stats file
+    assert any((tmp_path / "cache").glob("*/int8-*/model.xml"))  # it did quantise

@@ -105,9 +105,9 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def ov() -> Any:
-    import openvino
+    from .telemetry import import_openvino  # without OpenVINO's usage telemetry
 
-    return openvino
+    return import_openvino()
 
 
 @functools.cache

@@ -52,6 +52,7 @@ from .engine import (
     split_options,
     write_index,
 )
+from .telemetry import no_telemetry
 
 __all__ = ["CALIBRATION_TILE", "CALIBRATION_TILES", "Runner", "StaleCacheWarning",
            "accelerate", "calibration_files", "calibration_tiles", "runner_of",
@@ -122,7 +123,7 @@ class Runner:
         net.eval()
         self.exporting = True  # the trace must see torch's forward, not this runner
         try:
-            with torch.no_grad():
+            with torch.no_grad(), no_telemetry():
                 model = ov().convert_model(net, example_input=torch.zeros(1, n_channels, 64, 64))
         finally:
             self.exporting = False
@@ -161,7 +162,8 @@ class Runner:
     def _int8_entry(self, f32_folder: Path, n_channels: int) -> Path:
         """The int8 model quantised from the float32 one in ``f32_folder`` (made if absent
         or stale)."""
-        import nncf
+        with no_telemetry():
+            import nncf
 
         assert self.calibration is not None
         key, settings = int8_settings(self.calibration)
@@ -171,9 +173,10 @@ class Runner:
         t0 = time.perf_counter()
         tiles = calibration_tiles(self.calibration, n_channels)
         model = ov().Core().read_model(f32_folder / "model.xml")
-        quantised = nncf.quantize(
-            model, nncf.Dataset([t[None] for t in tiles]), subset_size=len(tiles),
-            preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=True)
+        with no_telemetry():
+            quantised = nncf.quantize(
+                model, nncf.Dataset([t[None] for t in tiles]), subset_size=len(tiles),
+                preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=True)
         tmp = f32_folder / f".tmp-int8-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
